@@ -1,0 +1,233 @@
+"""Loads the compiled kernels and turns each one into a JAX primitive.
+
+`kernel_primitive` is the one helper every op module uses: it gives a kernel an abstract
+evaluation, a lowering to the XLA FFI on CPU and CUDA, a batching rule and (optionally) a
+sharding rule, so the op composes with jit, grad, vmap and shard_map.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax._src import dispatch
+from jax.experimental.custom_partitioning import SdyShardingRule, custom_partitioning
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir, xla
+from jax.sharding import NamedSharding, PartitionSpec
+
+from . import _jax_moe_cpu
+
+try:  # The CUDA extension exists only where the package was built with nvcc.
+    from . import _jax_moe_cuda
+except ImportError:
+    _jax_moe_cuda = None
+
+_REBUILD_HINT = (
+    "rebuild jax_moe against the installed jaxlib: "
+    "pip install --no-build-isolation --force-reinstall --no-deps ."
+)
+
+
+def _runtime_ffi_api_version() -> tuple[int, int] | None:
+    """The FFI API version of the running jaxlib, read from the headers it ships."""
+    header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "c_api.h"
+    try:
+        text = header.read_text()
+    except OSError:
+        return None
+    found = dict(re.findall(r"#define XLA_FFI_API_(MAJOR|MINOR) (\d+)", text))
+    if len(found) != 2:
+        return None
+    return int(found["MAJOR"]), int(found["MINOR"])
+
+
+def _check_ffi_version(ext) -> None:
+    built = tuple(ext.ffi_api_version())
+    runtime = _runtime_ffi_api_version()
+    # XLA accepts handlers built against its own FFI API version or an older one.
+    if runtime is not None and built > runtime:
+        raise ImportError(
+            f"{ext.__name__} was built against XLA FFI API {built[0]}.{built[1]}, but the running "
+            f"jaxlib {jax.lib.__version__} supports only up to {runtime[0]}.{runtime[1]}; {_REBUILD_HINT}"
+        )
+
+
+def _register(ext, platform: str) -> None:
+    _check_ffi_version(ext)
+    for name, capsule in ext.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform=platform)
+
+
+_register(_jax_moe_cpu, "cpu")
+if _jax_moe_cuda is not None:
+    _register(_jax_moe_cuda, "CUDA")
+
+
+def available_platforms() -> tuple[str, ...]:
+    """Platforms that have compiled jax_moe kernels."""
+    return ("cpu", "cuda") if _jax_moe_cuda is not None else ("cpu",)
+
+
+# ------------------------------------------------------------------ sharding
+class TokenParallel:
+    """Sharding of a kernel that treats all leading dimensions as independent tokens.
+
+    Operands and results are [..., X]: their leading dimensions are shared factors that may be
+    sharded (each shard runs the kernel on its tokens, no communication), while every last
+    dimension stays whole. Operands listed in `replicated` (e.g. an expert bias) are replicated.
+    """
+
+    def __init__(self, replicated: Sequence[int] = ()):
+        self.replicated = frozenset(replicated)
+
+    def rule(self, operand_ranks, result_ranks) -> SdyShardingRule:
+        lead = max(operand_ranks[i] for i in range(len(operand_ranks)) if i not in self.replicated) - 1
+        tokens = tuple(f"t{d}" for d in range(lead))
+        whole: list[str] = []
+
+        def mapping(rank, replicated):
+            names = [f"w{len(whole) + d}" for d in range(rank if replicated else 1)]
+            whole.extend(names)
+            return names if replicated else (*tokens, *names)
+
+        operands = tuple(tuple(mapping(r, i in self.replicated)) for i, r in enumerate(operand_ranks))
+        results = tuple(tuple(mapping(r, False)) for r in result_ranks)
+        return SdyShardingRule(operands, results, need_replication_factors=tuple(whole))
+
+    def shardings(self, mesh, arg_shapes, result_shapes):
+        """(argument shardings, result shardings): the token layout of the first token operand."""
+        first = next(i for i in range(len(arg_shapes)) if i not in self.replicated)
+        spec = tuple(arg_shapes[first].sharding.spec)
+        lead = arg_shapes[first].ndim - 1
+        tokens = (spec + (None,) * lead)[:lead]
+
+        def token_sharding(_):
+            return NamedSharding(mesh, PartitionSpec(*tokens, None))
+
+        args = [
+            NamedSharding(mesh, PartitionSpec()) if i in self.replicated else token_sharding(i)
+            for i in range(len(arg_shapes))
+        ]
+        return args, [token_sharding(r) for r in result_shapes]
+
+
+# ---------------------------------------------------------------- primitives
+def _attributes(params: dict) -> dict:
+    # Python floats would become f64 attributes; the handlers decode float32.
+    return {k: np.float32(v) if isinstance(v, float) else v for k, v in params.items()}
+
+
+def _no_cuda_kernels(ctx, *args, **params):
+    raise RuntimeError(
+        "jax_moe has no CUDA kernels: it was built without a CUDA compiler. "
+        "Install nvcc and reinstall: pip install --no-build-isolation --force-reinstall --no-deps ."
+    )
+
+
+def _local_primitive(target: str, abstract_eval: Callable) -> Primitive:
+    """The FFI call itself, on whatever (local) shapes it is given."""
+    prim = Primitive(f"{target}_local")
+    prim.multiple_results = True
+    prim.def_impl(functools.partial(xla.apply_primitive, prim))
+    prim.def_abstract_eval(abstract_eval)
+    ffi_rule = jax.ffi.ffi_lowering(target)
+
+    def lowering(ctx, *args, **params):
+        return ffi_rule(ctx, *args, **_attributes(params))
+
+    mlir.register_lowering(prim, lowering, platform="cpu")
+    mlir.register_lowering(prim, lowering if _jax_moe_cuda else _no_cuda_kernels, platform="cuda")
+    return prim
+
+
+def _ranks(types) -> list[int]:
+    return [mlir.ir.ShapedType(t).rank for t in types]
+
+
+def _bind_fn(local: Primitive, kwargs: dict):
+    def run(*args):
+        return tuple(local.bind(*args, **kwargs))
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned_call(local: Primitive, sharding, params: tuple):
+    """The local kernel wrapped so XLA's partitioner runs it per shard, per `sharding`."""
+    run = _bind_fn(local, dict(params))
+    call = custom_partitioning(run)
+
+    def partition(mesh, arg_shapes, result_shape):
+        results = result_shape if isinstance(result_shape, (list, tuple)) else (result_shape,)
+        arg_shardings, result_shardings = sharding.shardings(mesh, arg_shapes, results)
+        return mesh, run, tuple(result_shardings), tuple(arg_shardings)
+
+    def rule(mesh, operand_types, result_types):
+        return sharding.rule(_ranks(operand_types), _ranks(result_types))
+
+    call.def_partition(partition=partition, sharding_rule=rule)
+    return call
+
+
+def _spans_devices(ctx) -> bool:
+    """Whether this computation is partitioned over several devices (else no partitioner runs)."""
+    context = ctx.module_context.axis_context
+    devices = getattr(context, "device_assignment", None)
+    if devices is None and hasattr(context, "mesh"):  # inside shard_map
+        return context.mesh.size > 1
+    return devices is not None and len(devices) > 1
+
+
+def kernel_primitive(
+    target: str,
+    abstract_eval: Callable,
+    batch_rule: Callable,
+    sharding: TokenParallel | None = None,
+) -> Primitive:
+    """A primitive for the FFI target `target` (registered for CPU and, if built, CUDA).
+
+    abstract_eval(*avals, **params) -> output avals; batch_rule(prim, args, dims, **params) is a
+    vmap rule that must handle every batch dimension; `sharding` (optional) lets the kernel run
+    per shard under jit with sharded inputs instead of gathering them.
+    """
+    local = _local_primitive(target, abstract_eval)
+    prim = Primitive(target)
+    prim.multiple_results = True
+    prim.def_impl(functools.partial(xla.apply_primitive, prim))
+    prim.def_abstract_eval(abstract_eval)
+    batching.primitive_batchers[prim] = functools.partial(batch_rule, prim)
+
+    def lowering(ctx, *args, **params):
+        if sharding is None or not _spans_devices(ctx):
+            run = _bind_fn(local, params)
+        else:
+            run = _partitioned_call(local, sharding, tuple(sorted(params.items())))
+        return mlir.lower_fun(run, multiple_results=True)(ctx, *args)
+
+    mlir.register_lowering(prim, lowering)
+    if sharding is not None:
+        # custom_partitioning needs the device assignment while lowering, which jit withholds
+        # unless the primitive is listed here (as jax's own cuDNN primitives are).
+        dispatch.prim_requires_devices_during_lowering.add(prim)
+    return prim
+
+
+# ------------------------------------------------------------------ batching
+def move_batch_to_front(args, dims, size):
+    """Each argument with its batch dimension first (broadcast where unbatched)."""
+    out = []
+    for a, d in zip(args, dims):
+        if d is None:
+            out.append(jax.numpy.broadcast_to(a, (size, *a.shape)))
+        else:
+            out.append(jax.numpy.moveaxis(a, d, 0))
+    return out
+
+
+def batch_size(args, dims) -> int:
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
