@@ -78,42 +78,58 @@ class TokenParallel:
     """Sharding of a kernel that treats all leading dimensions as independent tokens.
 
     Operands and results are [..., X]: their leading dimensions are shared factors that may be
-    sharded (each shard runs the kernel on its tokens, no communication), while every last
-    dimension stays whole. Operands listed in `replicated` (e.g. an expert bias) are replicated.
+    sharded (each shard runs the kernel on its tokens), while every last dimension stays whole.
+    Operands listed in `replicated` (e.g. an expert bias) are replicated. Results listed in
+    `reduced` are sums over tokens: each shard computes its partial result and
+    `combine(results, axis_names)` (default: psum of each reduced result over the token axes)
+    turns the partials into the global, replicated value, so no operand is ever gathered.
+    Results listed in `scratch` are workspaces whose shape does not depend on the token count:
+    each shard keeps its own, and nobody reads them.
     """
 
-    def __init__(self, replicated: Sequence[int] = ()):
+    def __init__(self, replicated: Sequence[int] = (), reduced: Sequence[int] = (),
+                 combine: Callable | None = None, scratch: Sequence[int] = ()):
         self.replicated = frozenset(replicated)
+        self.reduced = frozenset(reduced)
+        self.combine = combine or self._psum_reduced
+        self.scratch = frozenset(scratch)
+
+    def _psum_reduced(self, results, axes):
+        return [jax.lax.psum(r, axes) if i in self.reduced else r for i, r in enumerate(results)]
 
     def rule(self, operand_ranks, result_ranks) -> SdyShardingRule:
         lead = max(operand_ranks[i] for i in range(len(operand_ranks)) if i not in self.replicated) - 1
         tokens = tuple(f"t{d}" for d in range(lead))
         whole: list[str] = []
 
-        def mapping(rank, replicated):
-            names = [f"w{len(whole) + d}" for d in range(rank if replicated else 1)]
+        def mapping(rank, own_factors):
+            names = [f"w{len(whole) + d}" for d in range(rank if own_factors else 1)]
             whole.extend(names)
-            return names if replicated else (*tokens, *names)
+            return names if own_factors else (*tokens, *names)
 
         operands = tuple(tuple(mapping(r, i in self.replicated)) for i, r in enumerate(operand_ranks))
-        results = tuple(tuple(mapping(r, False)) for r in result_ranks)
+        results = tuple(tuple(mapping(r, i in self.reduced or i in self.scratch))
+                        for i, r in enumerate(result_ranks))
         return SdyShardingRule(operands, results, need_replication_factors=tuple(whole))
 
-    def shardings(self, mesh, arg_shapes, result_shapes):
-        """(argument shardings, result shardings): the token layout of the first token operand."""
+    def partition(self, mesh, arg_shapes, result_shapes, run):
+        """(per-shard function, argument shardings, result shardings) for the given inputs."""
         first = next(i for i in range(len(arg_shapes)) if i not in self.replicated)
-        spec = tuple(arg_shapes[first].sharding.spec)
         lead = arg_shapes[first].ndim - 1
-        tokens = (spec + (None,) * lead)[:lead]
-
-        def token_sharding(_):
-            return NamedSharding(mesh, PartitionSpec(*tokens, None))
-
-        args = [
-            NamedSharding(mesh, PartitionSpec()) if i in self.replicated else token_sharding(i)
-            for i in range(len(arg_shapes))
-        ]
-        return args, [token_sharding(r) for r in result_shapes]
+        tokens = (tuple(arg_shapes[first].sharding.spec) + (None,) * lead)[:lead]
+        axes = tuple(a for entry in tokens if entry is not None
+                     for a in (entry if isinstance(entry, tuple) else (entry,)))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        token_sharding = NamedSharding(mesh, PartitionSpec(*tokens, None))
+        args = [replicated if i in self.replicated else token_sharding for i in range(len(arg_shapes))]
+        results = [replicated if i in self.reduced or i in self.scratch else token_sharding
+                   for i in range(len(result_shapes))]
+        if self.reduced and axes:
+            def per_shard(*a):
+                return tuple(self.combine(list(run(*a)), axes))
+        else:
+            per_shard = run
+        return per_shard, args, results
 
 
 # ---------------------------------------------------------------- primitives
@@ -164,8 +180,8 @@ def _partitioned_call(local: Primitive, sharding, params: tuple):
 
     def partition(mesh, arg_shapes, result_shape):
         results = result_shape if isinstance(result_shape, (list, tuple)) else (result_shape,)
-        arg_shardings, result_shardings = sharding.shardings(mesh, arg_shapes, results)
-        return mesh, run, tuple(result_shardings), tuple(arg_shardings)
+        per_shard, arg_shardings, result_shardings = sharding.partition(mesh, arg_shapes, results, run)
+        return mesh, per_shard, tuple(result_shardings), tuple(arg_shardings)
 
     def rule(mesh, operand_types, result_types):
         return sharding.rule(_ranks(operand_types), _ranks(result_types))

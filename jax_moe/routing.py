@@ -6,6 +6,7 @@ Reads top to bottom: the public function, its custom_vjp, then the primitives.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Callable
 from typing import NamedTuple
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import aux_loss as _aux
 from ._ffi import TokenParallel, batch_size, kernel_primitive, move_batch_to_front
 
 _SCORE_FUNCTIONS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # values of ScoreFunction in moe_math.h
@@ -86,6 +88,66 @@ def route(
     return Routing(weights.astype(jnp.float32), indices)
 
 
+def route_with_aux_loss(
+    logits,
+    topk: int,
+    *,
+    aux_coeff: float,
+    aux_topk: int | None = None,
+    aux_score_function: str | None = None,
+    score_function: str = "softmax",
+    expert_bias=None,
+    num_groups: int | None = None,
+    group_topk: int | None = None,
+    group_score_topn: int | None = None,
+    use_pre_softmax: bool = False,
+    renormalize: bool | None = None,
+    topk_reduce_func: Callable | None = None,
+    scaling_factor: float = 1.0,
+    axis_name=None,
+) -> tuple[Routing, jax.Array]:
+    """`route(...)` and its load-balancing aux loss from one pass over the logits (SPEC §2).
+
+    Returns (route(logits, topk, ...), loss) with loss = aux_loss_from_logits(logits, tpe,
+    topk=aux_topk, coeff=aux_coeff, score_function=aux_score_function) and tpe the global counts of
+    each expert among the tokens' top-aux_topk clean scores. aux_topk defaults to topk and
+    aux_score_function to score_function; the loss is float32.
+
+    The forward kernel routes each token and adds its clean scores to per-expert column sums and its
+    top-aux_topk experts to per-expert counts (deterministic block-ordered sums); the loss is then
+    C_coeff * sum(colsum * counts). The backward kernel adds the clean-score gradient of
+    C_coeff * counts * d loss to the routing gradient in the same pass.
+
+    axis_name: inside shard_map, the axes over which column sums, counts and the token count are
+    global. Under jit with token-sharded logits, they are global without it.
+    """
+    logits = _check_logits(logits)
+    num_experts = logits.shape[-1]
+    bias = _check_bias(expert_bias, num_experts)
+    config = _route_config(
+        num_experts, topk, score_function, num_groups, group_topk, group_score_topn,
+        use_pre_softmax, renormalize, topk_reduce_func, scaling_factor,
+    )
+    aux_topk = config.topk if aux_topk is None else _static_int(aux_topk, "aux_topk")
+    if not 1 <= aux_topk <= num_experts:
+        raise ValueError(f"aux_topk must be in [1, num_experts={num_experts}], got {aux_topk}")
+    aux_score_function = score_function if aux_score_function is None else aux_score_function
+    if aux_score_function not in _SCORE_FUNCTIONS:
+        raise ValueError(f"aux_score_function must be one of {sorted(_SCORE_FUNCTIONS)}, "
+                         f"got {aux_score_function!r}")
+    axes = _aux._axis_names(axis_name)
+    tokens = _aux._total_tokens(None, math.prod(logits.shape[:-1]), axes)
+    aux = AuxConfig(aux_topk, _SCORE_FUNCTIONS[aux_score_function],
+                    _aux.loss_coefficient(num_experts, _aux._static_float(aux_coeff, "aux_coeff"), aux_topk, tokens),
+                    axes)
+    if topk_reduce_func is None:
+        weights, indices, loss = _route_aux(logits, bias, config, aux)
+        return Routing(weights, indices), loss
+    values, indices, loss = _route_aux(logits, bias, config._replace(renormalize=False, scaling_factor=1.0), aux)
+    weights = values / topk_reduce_func(values) * config.scaling_factor
+    return Routing(weights.astype(jnp.float32), indices), loss
+
+
 def routing_map(indices, num_experts: int) -> jax.Array:
     """Dense bool [..., E] map with True at each token's chosen experts."""
     return jnp.any(_one_hot(indices, num_experts), axis=-2)
@@ -113,6 +175,21 @@ class RouteConfig(NamedTuple):
     group_score_topn: int
     renormalize: bool
     scaling_factor: float
+
+
+class AuxConfig(NamedTuple):
+    """Static settings of the fused aux loss."""
+
+    topk: int
+    score_function: int
+    c_coeff: float  # E * coeff / (topk * T^2) with the global T
+    axes: tuple  # shard_map axes the statistics are summed over
+
+
+def _aux_blocks(num_experts: int) -> int:
+    """Blocks of the fused forward kernel, hence rows of its workspaces: fixed by E alone so the
+    block-ordered sums do not depend on the device, and so shards share the workspace shape."""
+    return min(1024, max(32, 2**19 // num_experts))
 
 
 def _static_int(value, name: str) -> int:
@@ -215,14 +292,51 @@ def _route_bwd(config, residuals, cotangents):
 _route.defvjp(_route_fwd, _route_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _route_aux(logits, bias, config: RouteConfig, aux: AuxConfig):
+    return _route_aux_fwd(logits, bias, config, aux)[0]
+
+
+def _route_aux_fwd(logits, bias, config, aux):
+    weights, indices, colsum, counts, _, _ = route_aux_fwd_p.bind(
+        logits, bias, **config._asdict(), aux_topk=aux.topk, aux_score_function=aux.score_function)
+    if aux.axes:
+        colsum, counts = jax.lax.psum((colsum, counts), aux.axes)
+    loss = aux.c_coeff * jnp.sum(colsum * counts.astype(jnp.float32))
+    return (weights, indices, loss), (logits, indices, counts, jnp.zeros_like(bias))
+
+
+def _route_aux_bwd(config, aux, residuals, cotangents):
+    logits, indices, counts, zero_bias = residuals
+    dweights, _, dloss = cotangents
+    dscale = (aux.c_coeff * dloss) * counts.astype(jnp.float32)  # d loss / d clean score, every row
+    (dlogits,) = route_aux_bwd_p.bind(logits, indices, dweights, dscale, **config._asdict(),
+                                      aux_score_function=aux.score_function)
+    return dlogits, zero_bias
+
+
+_route_aux.defvjp(_route_aux_fwd, _route_aux_bwd)
+
+
 # ---------------------------------------------------------------- primitives
 def _route_fwd_abstract(logits, bias, *, topk, **_):
     shape = (*logits.shape[:-1], topk)
     return (logits.update(shape=shape, dtype=jnp.float32), logits.update(shape=shape, dtype=jnp.int32))
 
 
-def _route_bwd_abstract(logits, indices, dweights, **_):
+def _route_bwd_abstract(logits, indices, *_, **__):
     return (logits.update(),)
+
+
+def _route_aux_fwd_abstract(logits, bias, *, topk, aux_topk, **_):
+    weights, indices = _route_fwd_abstract(logits, bias, topk=topk)
+    num_experts = logits.shape[-1]
+    workspace = (_aux_blocks(num_experts), num_experts)
+    return (weights, indices,
+            logits.update(shape=(num_experts,), dtype=jnp.float32),
+            logits.update(shape=(num_experts,), dtype=jnp.int32),
+            logits.update(shape=workspace, dtype=jnp.float32),
+            logits.update(shape=workspace, dtype=jnp.int32))
 
 
 def _route_fwd_batch(prim, args, dims, **params):
@@ -236,6 +350,13 @@ def _route_fwd_batch(prim, args, dims, **params):
     return list(outs), (0, 0)
 
 
+def _per_batch(prim, args, dims, **params):
+    """vmap as a loop: each batch element is its own call (its own statistics over its tokens)."""
+    args = move_batch_to_front(args, dims, batch_size(args, dims))
+    outs = jax.lax.map(lambda a: tuple(prim.bind(*a, **params)), tuple(args))
+    return list(outs), (0,) * len(outs)
+
+
 def _tokenwise_batch(prim, args, dims, **params):
     return prim.bind(*move_batch_to_front(args, dims, batch_size(args, dims)), **params), (0,)
 
@@ -243,3 +364,9 @@ def _tokenwise_batch(prim, args, dims, **params):
 route_fwd_p = kernel_primitive("jax_moe_route_fwd", _route_fwd_abstract, _route_fwd_batch,
                                TokenParallel(replicated=(1,)))
 route_bwd_p = kernel_primitive("jax_moe_route_bwd", _route_bwd_abstract, _tokenwise_batch, TokenParallel())
+# The fused aux statistics are sums over all tokens of a call: under vmap each batch element
+# keeps its own, so both fused primitives loop over the batch.
+route_aux_fwd_p = kernel_primitive("jax_moe_route_aux_fwd", _route_aux_fwd_abstract, _per_batch,
+                                   TokenParallel(replicated=(1,), reduced=(2, 3), scratch=(4, 5)))
+route_aux_bwd_p = kernel_primitive("jax_moe_route_aux_bwd", _route_bwd_abstract, _per_batch,
+                                   TokenParallel(replicated=(3,)))

@@ -6,7 +6,7 @@
 #include <string>
 #include <utility>
 
-#include "moe_math.h"
+#include "routing_row.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_moe {
@@ -70,24 +70,95 @@ inline RouteConfig make_route_config(int64_t num_experts, int64_t topk, int64_t 
                      group_topk,  group_score_topn, renormalize,            scaling_factor};
 }
 
-struct RouteShapes {
+// The validated buffers of a routing forward call.
+struct RouteFwdBuffers {
+  RouteConfig config;  // with num_experts from the logits
+  Dtype logits_dtype;
+  int64_t tokens;
+  BiasLoader bias;
+  float* weights;
+  int32_t* indices;
+};
+
+inline ffi::Unexpected<ffi::Error> failure(const std::string& what) { return ffi::Unexpected<ffi::Error>(invalid(what)); }
+
+// logits [..., E], bias [E] or [0], weights f32 and indices s32 [..., topk].
+inline ffi::ErrorOr<RouteFwdBuffers> check_route_fwd(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& bias,
+                                                     ffi::AnyBuffer weights, ffi::AnyBuffer indices,
+                                                     RouteConfig config) {
+  const auto dims = logits.dimensions();
+  if (dims.size() == 0) return failure("logits must have rank >= 1");
+  const auto dtype = float_dtype(logits.element_type());
+  if (!dtype) return failure("logits must be float32, bfloat16 or float16");
+  config.num_experts = dims.back();
+  if (const char* err = route_config_error(config)) return failure(err);
+  if (weights.element_type() != ffi::DataType::F32 || indices.element_type() != ffi::DataType::S32 ||
+      !same_leading(weights.dimensions(), dims, config.topk) || !same_leading(indices.dimensions(), dims, config.topk))
+    return failure("route outputs must be float32 weights and int32 indices of shape [..., topk] like logits");
+  const auto bias_dtype = float_dtype(bias.element_type());
+  const int64_t bias_count = int64_t(bias.element_count());
+  if (!bias_dtype || (bias_count != 0 && bias_count != config.num_experts))
+    return failure("expert_bias must be a float array of shape [num_experts]");
+  return RouteFwdBuffers{config,
+                         *dtype,
+                         leading_count(dims),
+                         BiasLoader{bias_count ? bias.untyped_data() : nullptr, *bias_dtype},
+                         weights.typed_data<float>(),
+                         indices.typed_data<int32_t>()};
+}
+
+// The validated buffers of a routing backward call.
+struct RouteBwdBuffers {
   RouteConfig config;
   Dtype logits_dtype;
   int64_t tokens;
+  const void* logits;
+  const int32_t* indices;
+  const float* dweights;
+  void* dlogits;
 };
 
-// Validates logits [..., E] against outputs/inputs [..., k]; returns the shapes or an error.
-inline ffi::ErrorOr<RouteShapes> check_route_buffers(const ffi::AnyBuffer& logits, ffi::Span<const int64_t> topk_dims,
+// logits [..., E], indices s32 and dweights f32 [..., topk], dlogits like logits.
+inline ffi::ErrorOr<RouteBwdBuffers> check_route_bwd(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& indices,
+                                                     const ffi::AnyBuffer& dweights, ffi::AnyBuffer dlogits,
                                                      RouteConfig config) {
   const auto dims = logits.dimensions();
-  auto fail = [](const std::string& what) { return ffi::Unexpected<ffi::Error>(invalid(what)); };
-  if (dims.size() == 0) return fail("logits must have rank >= 1");
+  if (dims.size() == 0) return failure("logits must have rank >= 1");
   const auto dtype = float_dtype(logits.element_type());
-  if (!dtype) return fail("logits must be float32, bfloat16 or float16");
+  if (!dtype) return failure("logits must be float32, bfloat16 or float16");
   config.num_experts = dims.back();
-  if (const char* err = route_config_error(config)) return fail(err);
-  if (!same_leading(topk_dims, dims, config.topk)) return fail("routing buffers must be [..., topk] like logits");
-  return RouteShapes{config, *dtype, leading_count(dims)};
+  if (const char* err = route_config_error(config)) return failure(err);
+  if (indices.element_type() != ffi::DataType::S32 || dweights.element_type() != ffi::DataType::F32 ||
+      !same_leading(indices.dimensions(), dims, config.topk) || !same_leading(dweights.dimensions(), dims, config.topk) ||
+      dlogits.element_type() != logits.element_type() || dlogits.element_count() != logits.element_count())
+    return failure("route backward buffers do not match logits [..., E] and indices/dweights [..., topk]");
+  return RouteBwdBuffers{config,           *dtype, leading_count(dims), logits.untyped_data(), indices.typed_data<int32_t>(),
+                         dweights.typed_data<float>(), dlogits.untyped_data()};
+}
+
+inline bool is_vector(const ffi::AnyBuffer& b, ffi::DataType t, int64_t n) {
+  return b.element_type() == t && b.dimensions().size() == 1 && b.dimensions()[0] == n;
+}
+
+// The aux outputs of the fused forward: colsum f32 [E], counts s32 [E], workspaces [B, E]. Returns B.
+inline ffi::ErrorOr<int64_t> check_route_aux_outputs(int64_t E, int64_t aux_topk, int64_t aux_score_function,
+                                                     ffi::AnyBuffer colsum, ffi::AnyBuffer counts,
+                                                     ffi::AnyBuffer ws_colsum, ffi::AnyBuffer ws_counts) {
+  if (aux_topk < 1 || aux_topk > E) return failure("aux_topk must be in [1, num_experts]");
+  if (aux_score_function < 0 || aux_score_function > 2) return failure("unknown aux_score_function");
+  if (!is_vector(colsum, ffi::DataType::F32, E) || !is_vector(counts, ffi::DataType::S32, E))
+    return failure("aux outputs must be float32 column sums and int32 counts of shape [num_experts]");
+  const auto wd = ws_colsum.dimensions();
+  if (wd.size() != 2 || wd[1] != E || ws_colsum.element_type() != ffi::DataType::F32 ||
+      ws_counts.element_type() != ffi::DataType::S32 || ws_counts.element_count() != ws_colsum.element_count())
+    return failure("aux workspaces must be float32 and int32 arrays of shape [blocks, num_experts]");
+  return wd[0];
+}
+
+inline std::optional<ffi::Error> check_aux_dscale(int64_t E, int64_t aux_score_function, const ffi::AnyBuffer& dscale) {
+  if (aux_score_function < 0 || aux_score_function > 2) return invalid("unknown aux_score_function");
+  if (!is_vector(dscale, ffi::DataType::F32, E)) return invalid("aux score cotangent must be float32 [num_experts]");
+  return std::nullopt;
 }
 
 }  // namespace jax_moe

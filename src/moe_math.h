@@ -128,7 +128,15 @@ struct F16 {
 };
 
 // ---------------------------------------------------------- score functions
-MOE_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+MOE_HD float sigmoid(float x) {
+#ifdef __CUDA_ARCH__
+  // The intrinsics cost 5 instructions instead of ~25 (IEEE division has a slow path); the
+  // relative error stays below 1e-6 for |x| < 10, and 1 + e^-x >= 1 keeps the division in range.
+  return __fdividef(1.0f, 1.0f + __expf(-x));
+#else
+  return 1.0f / (1.0f + expf(-x));
+#endif
+}
 MOE_HD float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 // Score of one logit for the elementwise score functions (softmax needs the row's statistics).

@@ -1,9 +1,10 @@
 // CPU handlers of the routing primitives: the shared row algorithms, one lane, row after row.
+#include <cstring>
 #include <vector>
 
 #include "ffi_helpers.h"
 #include "handlers.h"
-#include "routing_row.h"
+#include "route_aux_row.h"
 
 namespace jax_moe {
 namespace {
@@ -17,34 +18,71 @@ struct SerialLanes {
   Cand best(Cand c) const { return c; }
 };
 
+// Routes every row; after each, visit_row(t, row pointer) (the fused aux statistics).
+template <class VisitRow>
+ffi::Error route_rows(const void* logits, const RouteFwdBuffers& b, VisitRow visit_row) {
+  const RouteConfig& c = b.config;
+  std::vector<uint32_t> key(c.num_experts), gkey(c.num_groups);
+  std::vector<float> val(c.num_experts);
+  const RouteScratch scratch{key.data(), val.data(), gkey.data()};
+  return dispatch_float(b.logits_dtype, [&]<class In>() {
+    const auto* x = static_cast<const typename In::storage*>(logits);
+    for (int64_t t = 0; t < b.tokens; ++t) {
+      const auto* row = x + t * c.num_experts;
+      route_row<SerialLanes, In>(SerialLanes{}, c, row, b.bias, scratch, b.weights + t * c.topk,
+                                 b.indices + t * c.topk);
+      visit_row.template operator()<In>(row);
+    }
+    return ffi::Error::Success();
+  });
+}
+
 ffi::Error route_fwd(ffi::AnyBuffer logits, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> weights,
                      ffi::Result<ffi::AnyBuffer> indices, int64_t topk, int64_t score_function, bool pre,
                      int64_t num_groups, int64_t group_topk, int64_t group_score_topn, bool renormalize,
                      float scaling_factor) {
-  const RouteConfig requested = make_route_config(0, topk, score_function, pre, num_groups, group_topk,
-                                                  group_score_topn, renormalize, scaling_factor);
-  auto shapes = check_route_buffers(logits, weights->dimensions(), requested);
-  if (shapes.has_error()) return shapes.error();
-  const RouteConfig c = shapes->config;
-  if (weights->element_type() != ffi::DataType::F32 || indices->element_type() != ffi::DataType::S32 ||
-      indices->dimensions().size() != weights->dimensions().size() || indices->element_count() != weights->element_count())
-    return invalid("route outputs must be float32 weights and int32 indices of shape [..., topk]");
-  const auto bias_dtype = float_dtype(bias.element_type());
-  if (!bias_dtype || (bias.element_count() != 0 && int64_t(bias.element_count()) != c.num_experts))
-    return invalid("expert_bias must be a float array of shape [num_experts]");
+  auto checked = check_route_fwd(logits, bias, *weights, *indices,
+                                 make_route_config(0, topk, score_function, pre, num_groups, group_topk,
+                                                   group_score_topn, renormalize, scaling_factor));
+  if (checked.has_error()) return checked.error();
+  return route_rows(logits.untyped_data(), *checked, []<class In>(const typename In::storage*) {});
+}
 
-  const BiasLoader bias_loader{bias.element_count() ? bias.untyped_data() : nullptr, *bias_dtype};
-  std::vector<uint32_t> key(c.num_experts), gkey(c.num_groups);
-  std::vector<float> val(c.num_experts);
-  const RouteScratch scratch{key.data(), val.data(), gkey.data()};
-  float* w = weights->typed_data<float>();
-  int32_t* idx = indices->typed_data<int32_t>();
+// Rows are added in token order: deterministic. The workspaces serve the CUDA kernels only.
+ffi::Error route_aux_fwd(ffi::AnyBuffer logits, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> weights,
+                         ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> colsum,
+                         ffi::Result<ffi::AnyBuffer> counts, ffi::Result<ffi::AnyBuffer> ws_colsum,
+                         ffi::Result<ffi::AnyBuffer> ws_counts, int64_t topk, int64_t score_function, bool pre,
+                         int64_t num_groups, int64_t group_topk, int64_t group_score_topn, bool renormalize,
+                         float scaling_factor, int64_t aux_topk, int64_t aux_score_function) {
+  auto checked = check_route_fwd(logits, bias, *weights, *indices,
+                                 make_route_config(0, topk, score_function, pre, num_groups, group_topk,
+                                                   group_score_topn, renormalize, scaling_factor));
+  if (checked.has_error()) return checked.error();
+  const int64_t E = checked->config.num_experts;
+  auto aux_checked =
+      check_route_aux_outputs(E, aux_topk, aux_score_function, *colsum, *counts, *ws_colsum, *ws_counts);
+  if (aux_checked.has_error()) return aux_checked.error();
+  float* cs = colsum->typed_data<float>();
+  int32_t* cn = counts->typed_data<int32_t>();
+  std::memset(cs, 0, E * sizeof(float));
+  std::memset(cn, 0, E * sizeof(int32_t));
+  const AuxConfig aux{aux_topk, ScoreFunction(aux_score_function)};
+  return route_rows(logits.untyped_data(), *checked, [&]<class In>(const typename In::storage* row) {
+    aux_stats_row<SerialLanes, In>(SerialLanes{}, aux, row, E, cs, cn);
+  });
+}
 
-  return dispatch_float(shapes->logits_dtype, [&]<class In>() {
-    const auto* x = static_cast<const typename In::storage*>(logits.untyped_data());
-    for (int64_t t = 0; t < shapes->tokens; ++t)
-      route_row<SerialLanes, In>(SerialLanes{}, c, x + t * c.num_experts, bias_loader, scratch, w + t * c.topk,
-                                 idx + t * c.topk);
+// Runs the backward row by row; row_bwd(lanes, row offset, topk offset) does one row.
+template <class RowBwd>
+ffi::Error route_bwd_rows(const RouteBwdBuffers& b, RowBwd row_bwd) {
+  return dispatch_float(b.logits_dtype, [&]<class In>() {
+    using S = typename In::storage;
+    const auto* x = static_cast<const S*>(b.logits);
+    auto* dx = static_cast<S*>(b.dlogits);
+    const int64_t E = b.config.num_experts, k = b.config.topk;
+    for (int64_t t = 0; t < b.tokens; ++t)
+      row_bwd.template operator()<In>(x + t * E, b.indices + t * k, b.dweights + t * k, dx + t * E);
     return ffi::Error::Success();
   });
 }
@@ -53,27 +91,31 @@ ffi::Error route_bwd(ffi::AnyBuffer logits, ffi::AnyBuffer indices, ffi::AnyBuff
                      ffi::Result<ffi::AnyBuffer> dlogits, int64_t topk, int64_t score_function, bool pre,
                      int64_t num_groups, int64_t group_topk, int64_t group_score_topn, bool renormalize,
                      float scaling_factor) {
-  const RouteConfig requested = make_route_config(0, topk, score_function, pre, num_groups, group_topk,
-                                                  group_score_topn, renormalize, scaling_factor);
-  auto shapes = check_route_buffers(logits, indices.dimensions(), requested);
-  if (shapes.has_error()) return shapes.error();
-  const RouteConfig c = shapes->config;
-  if (indices.element_type() != ffi::DataType::S32 || dweights.element_type() != ffi::DataType::F32 ||
-      !same_leading(dweights.dimensions(), logits.dimensions(), c.topk) ||
-      dlogits->element_type() != logits.element_type() || dlogits->element_count() != logits.element_count())
-    return invalid("route backward buffers do not match logits [..., E] and indices/dweights [..., topk]");
-  const int32_t* idx = indices.typed_data<int32_t>();
-  const float* dw = dweights.typed_data<float>();
+  auto checked = check_route_bwd(logits, indices, dweights, *dlogits,
+                                 make_route_config(0, topk, score_function, pre, num_groups, group_topk,
+                                                   group_score_topn, renormalize, scaling_factor));
+  if (checked.has_error()) return checked.error();
+  const RouteConfig c = checked->config;
+  return route_bwd_rows(*checked, [&]<class In>(const auto* x, const int32_t* idx, const float* dw, auto* dx) {
+    route_bwd_row<SerialLanes, In>(SerialLanes{}, c, x, idx, dw, dx);
+  });
+}
 
-  return dispatch_float(shapes->logits_dtype, [&]<class In>() {
-    using S = typename In::storage;
-    const auto* x = static_cast<const S*>(logits.untyped_data());
-    auto* dx = static_cast<S*>(dlogits->untyped_data());
-    for (int64_t t = 0; t < shapes->tokens; ++t) {
-      const int64_t row = t * c.num_experts, sel = t * c.topk;
-      route_bwd_row<SerialLanes, In>(SerialLanes{}, c, x + row, idx + sel, dw + sel, dx + row);
-    }
-    return ffi::Error::Success();
+ffi::Error route_aux_bwd(ffi::AnyBuffer logits, ffi::AnyBuffer indices, ffi::AnyBuffer dweights,
+                         ffi::AnyBuffer dscale, ffi::Result<ffi::AnyBuffer> dlogits, int64_t topk,
+                         int64_t score_function, bool pre, int64_t num_groups, int64_t group_topk,
+                         int64_t group_score_topn, bool renormalize, float scaling_factor,
+                         int64_t aux_score_function) {
+  auto checked = check_route_bwd(logits, indices, dweights, *dlogits,
+                                 make_route_config(0, topk, score_function, pre, num_groups, group_topk,
+                                                   group_score_topn, renormalize, scaling_factor));
+  if (checked.has_error()) return checked.error();
+  if (auto err = check_aux_dscale(checked->config.num_experts, aux_score_function, dscale)) return *err;
+  const RouteConfig c = checked->config;
+  const float* ds = dscale.typed_data<float>();
+  const ScoreFunction aux_f = ScoreFunction(aux_score_function);
+  return route_bwd_rows(*checked, [&]<class In>(const auto* x, const int32_t* idx, const float* dw, auto* dx) {
+    route_aux_bwd_row<SerialLanes, In>(SerialLanes{}, c, aux_f, x, idx, dw, ds, dx);
   });
 }
 
@@ -92,5 +134,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_bwd_cpu, route_bwd,
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_fwd_cpu, route_aux_fwd,
+                              bind_route_attrs(ffi::Ffi::Bind()
+                                                   .Arg<ffi::AnyBuffer>()
+                                                   .Arg<ffi::AnyBuffer>()
+                                                   .Ret<ffi::AnyBuffer>()
+                                                   .Ret<ffi::AnyBuffer>()
+                                                   .Ret<ffi::AnyBuffer>()
+                                                   .Ret<ffi::AnyBuffer>()
+                                                   .Ret<ffi::AnyBuffer>()
+                                                   .Ret<ffi::AnyBuffer>())
+                                  .Attr<int64_t>("aux_topk")
+                                  .Attr<int64_t>("aux_score_function"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_bwd_cpu, route_aux_bwd,
+                              bind_route_attrs(ffi::Ffi::Bind()
+                                                   .Arg<ffi::AnyBuffer>()
+                                                   .Arg<ffi::AnyBuffer>()
+                                                   .Arg<ffi::AnyBuffer>()
+                                                   .Arg<ffi::AnyBuffer>()
+                                                   .Ret<ffi::AnyBuffer>())
+                                  .Attr<int64_t>("aux_score_function"));
 
 }  // namespace jax_moe

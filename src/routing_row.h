@@ -131,11 +131,17 @@ MOE_HD void route_row(const Lanes& L, const RouteConfig& c, const typename In::s
   if (L.leader()) finalize_weights(c, w_out);
 }
 
-// Backward of one row (SPEC §1 "Backward"): d logits from d weights with the chosen set fixed.
+// No term added to the routing gradient (see route_bwd_row).
+struct NoExtraGrad {
+  MOE_HD float operator()(int64_t, float) const { return 0.0f; }
+};
+
+// Backward of one row (SPEC §1 "Backward"): d logits from d weights with the chosen set fixed,
+// plus extra(e, x_e) for every element (a gradient of another function of the same logits).
 // Writes every element of dx_row; indices outside [0, E) are skipped, never dereferenced.
-template <class Lanes, class In>
+template <class Lanes, class In, class Extra = NoExtraGrad>
 MOE_HD void route_bwd_row(const Lanes& L, const RouteConfig& c, const typename In::storage* x,
-                          const int32_t* idx, const float* dw, typename In::storage* dx) {
+                          const int32_t* idx, const float* dw, typename In::storage* dx, Extra extra = {}) {
   const int64_t E = c.num_experts, k = c.topk;
   const bool pre = c.score_function == ScoreFunction::kSoftmax && c.use_pre_softmax;
   const bool post = c.softmax_post();
@@ -170,15 +176,17 @@ MOE_HD void route_bwd_row(const Lanes& L, const RouteConfig& c, const typename I
     for (int64_t j = L.lane; j < k; j += L.nlanes) shp += rg.h(c.scaling_factor * dw[j]) * value(j);
   shp = L.sum(shp);
 
-  for (int64_t e = L.lane; e < E; e += L.nlanes)
-    dx[e] = In::from_float(pre ? -(expf(In::to_float(x[e]) - mx) / sum) * shp : 0.0f);
+  for (int64_t e = L.lane; e < E; e += L.nlanes) {
+    const float xe = In::to_float(x[e]);
+    dx[e] = In::from_float((pre ? -(expf(xe - mx) / sum) * shp : 0.0f) + extra(e, xe));
+  }
   L.sync();  // the chosen experts' values below overwrite the base values above
   for (int64_t j = L.lane; j < k; j += L.nlanes) {
     if (idx[j] < 0 || idx[j] >= E) continue;
     const float h = rg.h(c.scaling_factor * dw[j]), v = value(j);
     const float xj = logit(j);
     const float d = (pre || post) ? v * (h - shp) : h * elementwise_score_grad(c.score_function, xj, v);
-    dx[idx[j]] = In::from_float(d);
+    dx[idx[j]] = In::from_float(d + extra(idx[j], xj));
   }
 }
 

@@ -1,0 +1,197 @@
+"""route_with_aux_loss: routing and its aux loss from one fused pass, against float64 NumPy and
+against the unfused composition route + aux_loss_scores + aux_loss_from_logits (SPEC §2)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jax_moe
+import np_reference
+
+DSV3 = dict(score_function="sigmoid", num_groups=8, group_topk=4, scaling_factor=2.5)
+
+# (E, topk, route kwargs, aux_topk, aux_score_function): one case per kernel path and score function.
+CASES = [
+    (8, 2, {}, None, None),                                        # thread per token, softmax
+    (32, 4, dict(score_function="sigmoid"), 3, "softmax"),         # thread per token, mixed functions
+    (256, 8, DSV3, None, None),                                    # warp path with groups
+    (130, 6, dict(score_function="sqrtsoftplus"), 40, None),       # warp routing, aux_topk > 32
+    (64, 40, dict(score_function="softmax", use_pre_softmax=True), 8, "sigmoid"),  # generic (k > 32)
+    (1500, 4, dict(score_function="sigmoid"), 4, None),            # generic (E > 1024)
+]
+
+
+def _logits(rng, tokens, experts, dtype=np.float32):
+    """Well-separated random logits with a per-row shift (never zeros, never sorted)."""
+    x = rng.normal(size=(tokens, experts)) * 2.0 + rng.normal(size=(tokens, 1))
+    return jnp.asarray(x.astype(np.float32)).astype(dtype)
+
+
+def _clean_scores(x, score_function):
+    x = np.asarray(x, np.float64)
+    if score_function == "softmax":
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    a = 1 / (1 + np.exp(-x)) if score_function == "sigmoid" else np.sqrt(np.log1p(np.exp(x)))
+    return a / (a.sum(-1, keepdims=True) + 1e-20)
+
+
+def _np_aux_loss(x, aux_topk, aux_score_function, coeff):
+    """Float64 loss: C_coeff · Σ_e (Σ_t s[t, e]) · tpe[e], tpe the top-aux_topk counts of s."""
+    s = _clean_scores(x, aux_score_function)
+    tokens, experts = s.shape
+    top = np.argsort(-s, axis=-1, kind="stable")[:, :aux_topk]
+    tpe = np.bincount(top.ravel(), minlength=experts)
+    c_coeff = experts * coeff / (aux_topk * tokens**2)
+    return c_coeff * float(s.sum(0) @ tpe), tpe, c_coeff
+
+
+def _aux_kwargs(route_kwargs, aux_topk, aux_score_function):
+    kw = dict(route_kwargs, aux_coeff=0.01)
+    if aux_topk is not None:
+        kw["aux_topk"] = aux_topk
+    if aux_score_function is not None:
+        kw["aux_score_function"] = aux_score_function
+    return kw
+
+
+@pytest.mark.parametrize("experts,topk,route_kwargs,aux_topk,aux_sf", CASES)
+def test_matches_numpy_and_route(rng, experts, topk, route_kwargs, aux_topk, aux_sf):
+    x = _logits(rng, 97, experts)
+    routing, loss = jax_moe.route_with_aux_loss(x, topk, **_aux_kwargs(route_kwargs, aux_topk, aux_sf))
+    plain = jax_moe.route(x, topk, **route_kwargs)
+    np.testing.assert_array_equal(routing.indices, plain.indices)
+    np.testing.assert_allclose(routing.weights, plain.weights, rtol=1e-6, atol=1e-7)
+    ref = np_reference.route(np.asarray(x), topk, **route_kwargs)
+    clear = np_reference.is_unambiguous(ref.margin)
+    np.testing.assert_array_equal(np.asarray(routing.indices)[clear], ref.indices[clear])
+    sf = aux_sf or route_kwargs.get("score_function", "softmax")
+    ref_loss, _, _ = _np_aux_loss(np.asarray(x), aux_topk or topk, sf, 0.01)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
+
+
+@pytest.mark.parametrize("experts,topk,route_kwargs,aux_topk,aux_sf", CASES)
+def test_gradient_is_routing_plus_aux_gradient(rng, experts, topk, route_kwargs, aux_topk, aux_sf):
+    x = _logits(rng, 41, experts)
+    cot = jnp.asarray(rng.normal(size=(41, topk)).astype(np.float32))
+    loss_weight = 50.0
+    kw = _aux_kwargs(route_kwargs, aux_topk, aux_sf)
+
+    def fused(x):
+        routing, loss = jax_moe.route_with_aux_loss(x, topk, **kw)
+        return jnp.sum(routing.weights * cot) + loss_weight * loss
+
+    sf = aux_sf or route_kwargs.get("score_function", "softmax")
+    ref_loss, tpe, c_coeff = _np_aux_loss(np.asarray(x), aux_topk or topk, sf, 0.01)
+    # d loss / d logits through the clean scores, the float64 formula of SPEC §2.
+    dscores = loss_weight * c_coeff * tpe.astype(np.float64)
+    x64 = np.asarray(x, np.float64)
+    s = _clean_scores(x64, sf)
+    if sf == "softmax":
+        aux_grad = s * (dscores - (s * dscores).sum(-1, keepdims=True))
+    else:
+        a = 1 / (1 + np.exp(-x64)) if sf == "sigmoid" else np.sqrt(np.log1p(np.exp(x64)))
+        da = a * (1 - a) if sf == "sigmoid" else (1 / (1 + np.exp(-x64))) / (2 * a)
+        total = a.sum(-1, keepdims=True) + 1e-20
+        aux_grad = (dscores - (dscores * a).sum(-1, keepdims=True) / total) / total * da
+    route_grad = np_reference.route_vjp(x64, topk, np.asarray(cot, np.float64), **route_kwargs)
+    got = jax.grad(fused)(x)
+    np.testing.assert_allclose(got, route_grad + aux_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_logits_and_bias_dtype(rng):
+    x = _logits(rng, 64, 256, jnp.bfloat16)
+    bias = jnp.asarray(rng.normal(size=256).astype(np.float32) * 0.1)
+    routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-3, expert_bias=bias, **DSV3)
+    plain = jax_moe.route(x, 8, expert_bias=bias, **DSV3)
+    np.testing.assert_array_equal(routing.indices, plain.indices)
+    ref_loss, _, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "sigmoid", 1e-3)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
+    dx = jax.grad(lambda x: jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-3, expert_bias=bias, **DSV3)[1])(x)
+    assert dx.dtype == jnp.bfloat16
+
+
+def test_deterministic(rng):
+    x = _logits(rng, 3000, 256)
+    f = jax.jit(lambda x: jax_moe.route_with_aux_loss(x, 8, aux_coeff=0.01, **DSV3)[1])
+    g = jax.jit(jax.grad(lambda x: jax_moe.route_with_aux_loss(x, 8, aux_coeff=0.01, **DSV3)[1]))
+    losses = {float(f(x)) for _ in range(5)}
+    assert len(losses) == 1
+    first = np.asarray(g(x))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(g(x)), first)
+
+
+def test_no_tokens():
+    routing, loss = jax_moe.route_with_aux_loss(jnp.ones((0, 16), jnp.float32) * 0.5, 2, aux_coeff=0.01)
+    assert routing.weights.shape == (0, 2) and float(loss) == 0.0
+
+
+def test_topk_reduce_func(rng):
+    x = _logits(rng, 33, 64)
+    kw = dict(score_function="sigmoid", topk_reduce_func=lambda v: jnp.max(v, -1, keepdims=True))
+    routing, _ = jax_moe.route_with_aux_loss(x, 4, aux_coeff=0.01, **kw)
+    np.testing.assert_allclose(routing.weights, jax_moe.route(x, 4, **kw).weights, rtol=1e-6)
+
+
+def test_vmap_is_a_batch_of_independent_losses(rng):
+    xs = jnp.stack([_logits(rng, 40, 32), _logits(rng, 40, 32)])
+    f = lambda x: jax_moe.route_with_aux_loss(x, 4, aux_coeff=0.01)[1]
+    np.testing.assert_allclose(jax.vmap(f)(xs), [f(xs[0]), f(xs[1])], rtol=1e-6)
+    grads = jax.vmap(jax.grad(f))(xs)
+    np.testing.assert_allclose(grads[1], jax.grad(f)(xs[1]), rtol=1e-5, atol=1e-9)
+
+
+def _cpu_mesh():
+    devices = jax.devices("cpu")
+    if len(devices) < 4:
+        pytest.skip("needs 4 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+    return jax.sharding.Mesh(np.array(devices[:4]), ("x",), axis_types=(AxisType.Auto,))
+
+
+def test_jit_with_token_sharded_logits_is_global(rng):
+    mesh = _cpu_mesh()
+    x = jax.device_put(_logits(rng, 64, 256), jax.devices("cpu")[0])
+    f = lambda x: jax_moe.route_with_aux_loss(x, 8, aux_coeff=0.01, **DSV3)
+    full_routing, full_loss = f(x)
+    sharded = jax.device_put(x, NamedSharding(mesh, P("x", None)))
+    routing, loss = jax.jit(f)(sharded)
+    np.testing.assert_array_equal(routing.indices, full_routing.indices)
+    np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-6)
+    assert "all-gather" not in jax.jit(f).lower(sharded).compile().as_text()
+    grad = jax.jit(jax.grad(lambda x: f(x)[1]))(sharded)
+    np.testing.assert_allclose(grad, jax.grad(lambda x: f(x)[1])(x), rtol=1e-5, atol=1e-10)
+
+
+def test_shard_map_with_axis_name_is_global(rng):
+    mesh = _cpu_mesh()
+    x = jax.device_put(_logits(rng, 64, 32), jax.devices("cpu")[0])
+
+    def per_shard(x):
+        routing, loss = jax_moe.route_with_aux_loss(x, 4, aux_coeff=0.01, axis_name="x")
+        return routing.weights, loss
+
+    sharded = jax.device_put(x, NamedSharding(mesh, P("x", None)))
+    weights, loss = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P("x"), out_specs=(P("x"), P())))(sharded)
+    full_routing, full_loss = jax_moe.route_with_aux_loss(x, 4, aux_coeff=0.01)
+    np.testing.assert_allclose(weights, full_routing.weights, rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(aux_topk=0), ValueError),
+        (dict(aux_topk=17), ValueError),
+        (dict(aux_topk=2.0), TypeError),
+        (dict(aux_score_function="relu"), ValueError),
+        (dict(aux_coeff="big"), TypeError),
+    ],
+)
+def test_bad_input(kwargs, error):
+    args = {"aux_coeff": 0.01, **kwargs}
+    with pytest.raises(error, match="aux"):
+        jax_moe.route_with_aux_loss(jnp.ones((4, 16), jnp.float32), 2, **args)
