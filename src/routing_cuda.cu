@@ -522,6 +522,17 @@ __global__ void aux_finalize_kernel(const float* __restrict__ ws_colsum, const i
 }
 
 // ------------------------------------------------------------------ backward
+// Zeros a row with 16-byte stores where its alignment allows (the bits of +0.0 are zero).
+template <class S>
+__device__ void zero_row(S* row, int64_t n, int lane) {
+  constexpr int kPerVector = 16 / sizeof(S);
+  if (n % kPerVector == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+    for (int64_t i = lane; i < n / kPerVector; i += 32) reinterpret_cast<uint4*>(row)[i] = make_uint4(0, 0, 0, 0);
+  } else {
+    for (int64_t e = lane; e < n; e += 32) row[e] = S(0);
+  }
+}
+
 template <class In, bool kAux>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_bwd_kernel(RouteConfig c, ScoreFunction aux_f, const typename In::storage* __restrict__ x,
@@ -529,11 +540,23 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
                      typename In::storage* __restrict__ dx, int64_t T) {
   const WarpLanes L{int(threadIdx.x & 31)};
   const int64_t E = c.num_experts, k = c.topk, stride = int64_t(gridDim.x) * kWarpsPerBlock;
+  const bool sparse = !kAux && !(c.score_function == ScoreFunction::kSoftmax && c.use_pre_softmax);
   for (int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; t < T; t += stride) {
-    if constexpr (kAux)
-      route_aux_bwd_row<WarpLanes, In>(L, c, aux_f, x + t * E, idx + t * k, dw + t * k, dscale, dx + t * E);
-    else
-      route_bwd_row<WarpLanes, In>(L, c, x + t * E, idx + t * k, dw + t * k, dx + t * E);
+    const auto* xr = x + t * E;
+    const int32_t* ir = idx + t * k;
+    const float* dwr = dw + t * k;
+    auto* dxr = dx + t * E;
+    if constexpr (kAux) {
+      route_aux_bwd_row<WarpLanes, In>(L, c, aux_f, xr, ir, dwr, dscale, dxr);
+    } else if (sparse) {  // only the chosen experts get a gradient: zero the row, then write them
+      const RouteRowGrad<In> r = route_row_grad<WarpLanes, In>(L, c, xr, ir, dwr);
+      zero_row(dxr, E, L.lane);
+      __syncwarp();
+      for (int64_t j = L.lane; j < k; j += 32)
+        if (r.chosen_valid(j)) dxr[ir[j]] = In::from_float(r.chosen(j));
+    } else {
+      route_bwd_row<WarpLanes, In>(L, c, xr, ir, dwr, dxr);
+    }
     __syncwarp();
   }
 }

@@ -136,58 +136,77 @@ struct NoExtraGrad {
   MOE_HD float operator()(int64_t, float) const { return 0.0f; }
 };
 
-// Backward of one row (SPEC §1 "Backward"): d logits from d weights with the chosen set fixed,
-// plus extra(e, x_e) for every element (a gradient of another function of the same logits).
-// Writes every element of dx_row; indices outside [0, E) are skipped, never dereferenced.
+// The backward of one row (SPEC §1 "Backward") once its statistics are known: the gradient of a
+// chosen expert, and the base gradient of every expert (zero except for softmax-pre).
+template <class In>
+struct RouteRowGrad {
+  const RouteConfig* c;
+  const typename In::storage* x;
+  const int32_t* idx;
+  const float* dw;
+  bool pre, post;
+  float mx, sum;   // softmax statistics: the whole row (pre) or the chosen logits (post)
+  RenormGrad rg;
+  float shp;       // softmax Jacobian term sum_R h p (pre and post)
+
+  MOE_HD bool chosen_valid(int64_t j) const { return idx[j] >= 0 && idx[j] < c->num_experts; }
+  MOE_HD float logit(int64_t j) const { return chosen_valid(j) ? In::to_float(x[idx[j]]) : NAN; }
+  // v_j: the value the j-th chosen expert carried into normalisation.
+  MOE_HD float value(int64_t j) const {
+    const float xj = logit(j);
+    return (pre || post) ? expf(xj - mx) / sum : elementwise_score(c->score_function, xj);
+  }
+  MOE_HD float h(int64_t j) const { return rg.h(c->scaling_factor * dw[j]); }
+  MOE_HD float base(float xe) const { return pre ? -(expf(xe - mx) / sum) * shp : 0.0f; }
+  MOE_HD float chosen(int64_t j) const {
+    const float v = value(j);
+    return (pre || post) ? v * (h(j) - shp) : h(j) * elementwise_score_grad(c->score_function, logit(j), v);
+  }
+};
+
+template <class Lanes, class In>
+MOE_HD RouteRowGrad<In> route_row_grad(const Lanes& L, const RouteConfig& c, const typename In::storage* x,
+                                       const int32_t* idx, const float* dw) {
+  RouteRowGrad<In> r{&c, x, idx, dw, c.score_function == ScoreFunction::kSoftmax && c.use_pre_softmax,
+                     c.softmax_post(), 0.0f, 1.0f, {1.0f, 0.0f}, 0.0f};
+  const int64_t k = c.topk;
+  if (r.pre) row_softmax_stats<Lanes, In>(L, x, c.num_experts, &r.mx, &r.sum);
+  if (r.post) {
+    float m = -INFINITY;
+    for (int64_t j = L.lane; j < k; j += L.nlanes) m = fmaxf(m, r.logit(j));
+    r.mx = L.max(m);
+    float s = 0.0f;
+    for (int64_t j = L.lane; j < k; j += L.nlanes) s += expf(r.logit(j) - r.mx);
+    r.sum = L.sum(s);
+  }
+  float sv = 0.0f, sgv = 0.0f;
+  for (int64_t j = L.lane; j < k; j += L.nlanes) {
+    const float v = r.value(j);
+    sv += v;
+    sgv += c.scaling_factor * dw[j] * v;
+  }
+  r.rg = renorm_grad(c.renormalize, L.sum(sv), L.sum(sgv));
+  float shp = 0.0f;
+  if (r.pre || r.post)
+    for (int64_t j = L.lane; j < k; j += L.nlanes) shp += r.h(j) * r.value(j);
+  r.shp = L.sum(shp);
+  return r;
+}
+
+// Backward of one row: d logits from d weights with the chosen set fixed, plus extra(e, x_e) for
+// every element (the gradient of another function of the same logits). Writes every element of
+// dx; indices outside [0, E) are skipped, never dereferenced.
 template <class Lanes, class In, class Extra = NoExtraGrad>
 MOE_HD void route_bwd_row(const Lanes& L, const RouteConfig& c, const typename In::storage* x,
                           const int32_t* idx, const float* dw, typename In::storage* dx, Extra extra = {}) {
-  const int64_t E = c.num_experts, k = c.topk;
-  const bool pre = c.score_function == ScoreFunction::kSoftmax && c.use_pre_softmax;
-  const bool post = c.softmax_post();
-  auto logit = [&](int64_t j) { return (idx[j] >= 0 && idx[j] < E) ? In::to_float(x[idx[j]]) : NAN; };
-
-  // Softmax statistics: of the whole row (pre) or of the chosen logits (post).
-  float mx = 0.0f, sum = 1.0f;
-  if (pre) row_softmax_stats<Lanes, In>(L, x, E, &mx, &sum);
-  if (post) {
-    float m = -INFINITY;
-    for (int64_t j = L.lane; j < k; j += L.nlanes) m = fmaxf(m, logit(j));
-    mx = L.max(m);
-    float s = 0.0f;
-    for (int64_t j = L.lane; j < k; j += L.nlanes) s += expf(logit(j) - mx);
-    sum = L.sum(s);
-  }
-  // v_j: the value each chosen expert carried into normalisation.
-  auto value = [&](int64_t j) {
-    const float xj = logit(j);
-    return (pre || post) ? expf(xj - mx) / sum : elementwise_score(c.score_function, xj);
-  };
-  float sv = 0.0f, sgv = 0.0f;
-  for (int64_t j = L.lane; j < k; j += L.nlanes) {
-    const float v = value(j), g = c.scaling_factor * dw[j];
-    sv += v;
-    sgv += g * v;
-  }
-  const RenormGrad rg = renorm_grad(c.renormalize, L.sum(sv), L.sum(sgv));
-  // Softmax Jacobian term sum_R h p (pre and post).
-  float shp = 0.0f;
-  if (pre || post)
-    for (int64_t j = L.lane; j < k; j += L.nlanes) shp += rg.h(c.scaling_factor * dw[j]) * value(j);
-  shp = L.sum(shp);
-
-  for (int64_t e = L.lane; e < E; e += L.nlanes) {
+  const RouteRowGrad<In> r = route_row_grad<Lanes, In>(L, c, x, idx, dw);
+  for (int64_t e = L.lane; e < c.num_experts; e += L.nlanes) {
     const float xe = In::to_float(x[e]);
-    dx[e] = In::from_float((pre ? -(expf(xe - mx) / sum) * shp : 0.0f) + extra(e, xe));
+    dx[e] = In::from_float(r.base(xe) + extra(e, xe));
   }
   L.sync();  // the chosen experts' values below overwrite the base values above
-  for (int64_t j = L.lane; j < k; j += L.nlanes) {
-    if (idx[j] < 0 || idx[j] >= E) continue;
-    const float h = rg.h(c.scaling_factor * dw[j]), v = value(j);
-    const float xj = logit(j);
-    const float d = (pre || post) ? v * (h - shp) : h * elementwise_score_grad(c.score_function, xj, v);
-    dx[idx[j]] = In::from_float(d + extra(idx[j], xj));
-  }
+  for (int64_t j = L.lane; j < c.topk; j += L.nlanes)
+    if (r.chosen_valid(j)) dx[idx[j]] = In::from_float(r.chosen(j) + extra(idx[j], r.logit(j)));
 }
 
 }  // namespace jax_moe
