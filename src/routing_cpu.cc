@@ -9,15 +9,6 @@
 namespace jax_moe {
 namespace {
 
-struct SerialLanes {
-  static constexpr int lane = 0, nlanes = 1;
-  bool leader() const { return true; }
-  void sync() const {}
-  float max(float v) const { return v; }
-  float sum(float v) const { return v; }
-  Cand best(Cand c) const { return c; }
-};
-
 // Routes every row; after each, visit_row(t, row pointer) (the fused aux statistics).
 template <class VisitRow>
 ffi::Error route_rows(const void* logits, const RouteFwdBuffers& b, VisitRow visit_row) {

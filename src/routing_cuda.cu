@@ -561,6 +561,22 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
+// Rows of at most 32 experts: one thread per token, like the forward.
+template <class In, bool kAux>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    route_bwd_thread_kernel(RouteConfig c, ScoreFunction aux_f, const typename In::storage* __restrict__ x,
+                            const int32_t* __restrict__ idx, const float* __restrict__ dw,
+                            const float* __restrict__ dscale, typename In::storage* __restrict__ dx, int64_t T) {
+  const int64_t E = c.num_experts, k = c.topk, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < T; t += stride) {
+    if constexpr (kAux)
+      route_aux_bwd_row<SerialLanes, In>(SerialLanes{}, c, aux_f, x + t * E, idx + t * k, dw + t * k, dscale,
+                                         dx + t * E);
+    else
+      route_bwd_row<SerialLanes, In>(SerialLanes{}, c, x + t * E, idx + t * k, dw + t * k, dx + t * E);
+  }
+}
+
 // ------------------------------------------------------------------- launch
 struct DeviceLimits {
   int sm_count;
@@ -731,13 +747,20 @@ ffi::Error launch_route_bwd(cudaStream_t stream, int32_t device, const RouteBwdB
                             const float* dscale) {
   if (b.tokens == 0) return ffi::Error::Success();
   const DeviceLimits dev = device_limits(device);
-  const unsigned grid =
-      unsigned(std::min<int64_t>((b.tokens + kWarpsPerBlock - 1) / kWarpsPerBlock, int64_t(dev.sm_count) * 16));
+  const bool per_thread = b.config.num_experts <= 32;
+  const int tokens_per_block = per_thread ? kWarpsPerBlock * 32 : kWarpsPerBlock;
+  const unsigned grid = unsigned(
+      std::min<int64_t>((b.tokens + tokens_per_block - 1) / tokens_per_block, int64_t(dev.sm_count) * 16));
   return dispatch_float(b.logits_dtype, [&]<class In>() {
     using S = typename In::storage;
-    route_bwd_kernel<In, kAux><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-        b.config, aux_f, static_cast<const S*>(b.logits), b.indices, b.dweights, dscale, static_cast<S*>(b.dlogits),
-        b.tokens);
+    const auto* x = static_cast<const S*>(b.logits);
+    auto* dx = static_cast<S*>(b.dlogits);
+    if (per_thread)
+      route_bwd_thread_kernel<In, kAux><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+          b.config, aux_f, x, b.indices, b.dweights, dscale, dx, b.tokens);
+    else
+      route_bwd_kernel<In, kAux><<<grid, kWarpsPerBlock * 32, 0, stream>>>(b.config, aux_f, x, b.indices,
+                                                                           b.dweights, dscale, dx, b.tokens);
     return launch_status("route backward");
   });
 }

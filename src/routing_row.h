@@ -21,6 +21,16 @@ struct Cand {
   int32_t idx;
 };
 
+// One lane: the row algorithms run sequentially (the CPU, and CUDA's thread-per-token paths).
+struct SerialLanes {
+  static constexpr int lane = 0, nlanes = 1;
+  MOE_HD bool leader() const { return true; }
+  MOE_HD void sync() const {}
+  MOE_HD float max(float v) const { return v; }
+  MOE_HD float sum(float v) const { return v; }
+  MOE_HD Cand best(Cand c) const { return c; }
+};
+
 // Ranks after every real candidate: the result of a search that found nothing.
 MOE_HD Cand no_cand() { return {kExcluded, INT32_MAX}; }
 // Ranks before every real candidate: the bound that starts a search.
