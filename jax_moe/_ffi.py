@@ -233,6 +233,21 @@ def kernel_primitive(
     return prim
 
 
+# ----------------------------------------------------------- abstract values
+# Output avals are derived from an input aval with `update`, so that they keep its sharding and the
+# manual (shard_map) axes it varies over; a fresh ShapedArray would drop both.
+def token_aval(x, last: int, dtype):
+    """[..., last] with x's leading (token) dims and their sharding; the last dim is whole."""
+    spec = tuple(x.sharding.spec) + (None,) * x.ndim
+    return x.update(shape=(*x.shape[:-1], last), dtype=dtype,
+                    sharding=x.sharding.update(spec=PartitionSpec(*spec[: x.ndim - 1], None)))
+
+
+def reduced_aval(x, shape, dtype):
+    """A per-call reduction over x's tokens: replicated, varying where x varies."""
+    return x.update(shape=shape, dtype=dtype, sharding=x.sharding.update(spec=PartitionSpec()))
+
+
 # ------------------------------------------------------------------ batching
 def move_batch_to_front(args, dims, size):
     """Each argument with its batch dimension first (broadcast where unbatched)."""

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import aux_loss as _aux
-from ._ffi import TokenParallel, batch_size, kernel_primitive, move_batch_to_front
+from ._ffi import (TokenParallel, batch_size, kernel_primitive, move_batch_to_front, reduced_aval,
+                   token_aval)
 
 _SCORE_FUNCTIONS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # values of ScoreFunction in moe_math.h
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -320,8 +321,7 @@ _route_aux.defvjp(_route_aux_fwd, _route_aux_bwd)
 
 # ---------------------------------------------------------------- primitives
 def _route_fwd_abstract(logits, bias, *, topk, **_):
-    shape = (*logits.shape[:-1], topk)
-    return (logits.update(shape=shape, dtype=jnp.float32), logits.update(shape=shape, dtype=jnp.int32))
+    return token_aval(logits, topk, jnp.float32), token_aval(logits, topk, jnp.int32)
 
 
 def _route_bwd_abstract(logits, indices, *_, **__):
@@ -333,10 +333,10 @@ def _route_aux_fwd_abstract(logits, bias, *, topk, aux_topk, **_):
     num_experts = logits.shape[-1]
     workspace = (_aux_blocks(num_experts), num_experts)
     return (weights, indices,
-            logits.update(shape=(num_experts,), dtype=jnp.float32),
-            logits.update(shape=(num_experts,), dtype=jnp.int32),
-            logits.update(shape=workspace, dtype=jnp.float32),
-            logits.update(shape=workspace, dtype=jnp.int32))
+            reduced_aval(logits, (num_experts,), jnp.float32),
+            reduced_aval(logits, (num_experts,), jnp.int32),
+            reduced_aval(logits, workspace, jnp.float32),
+            reduced_aval(logits, workspace, jnp.int32))
 
 
 def _route_fwd_batch(prim, args, dims, **params):
