@@ -243,6 +243,21 @@ def token_aval(x, last: int, dtype):
                     sharding=x.sharding.update(spec=PartitionSpec(*spec[: x.ndim - 1], None)))
 
 
+def derived_aval(x, shape, dtype):
+    """An output computed from x (and operands varying like it): replicated, varying where x varies."""
+    return x.update(shape=shape, dtype=dtype, sharding=x.sharding.update(spec=PartitionSpec()))
+
+
+def match_manual_axes(*xs):
+    """Inside shard_map, makes every operand vary over the union of the manual axes any of them
+    varies over, as JAX's own primitives require. Autodiff then psums the cotangent of an operand
+    that was replicated (pcast's transpose), so its gradient comes back replicated and correct."""
+    vmas = [getattr(jax.typeof(x), "vma", frozenset()) for x in xs]
+    union = frozenset().union(*vmas)
+    return tuple(jax.lax.pcast(x, tuple(sorted(union - v)), to="varying") if union - v else x
+                 for x, v in zip(xs, vmas))
+
+
 def reduced_aval(x, shape, dtype):
     """A per-call reduction over x's tokens: replicated, varying where x varies."""
     return x.update(shape=shape, dtype=dtype, sharding=x.sharding.update(spec=PartitionSpec()))

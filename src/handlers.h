@@ -5,10 +5,45 @@
 
 namespace jax_moe {
 
+// routing
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_route_fwd_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_route_bwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_route_aux_fwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_route_aux_bwd_cpu);
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_route_fwd_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_route_bwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_route_aux_fwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_route_aux_bwd_cuda);
+
+// aux loss
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_scores_fwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_scores_bwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_loss_fwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_logits_fwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_logits_bwd_cpu);
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_scores_fwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_scores_bwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_loss_fwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_logits_fwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_aux_logits_bwd_cuda);
+
+// experts
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_permute_fwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_permute_bwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_unpermute_fwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_unpermute_bwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_gmm_fwd_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_gmm_dlhs_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_gmm_drhs_cpu);
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_permute_fwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_permute_bwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_unpermute_fwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_unpermute_bwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_gmm_fwd_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_gmm_dlhs_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_moe_gmm_drhs_cuda);
 
 }  // namespace jax_moe

@@ -1,0 +1,485 @@
+// CUDA handlers of the aux-loss primitives.
+//
+// Row kernels (scores, their backward, the fused logits loss and its backward) run the shared row
+// algorithms of aux_loss_row.h with a group of W lanes per token row (W = row_lanes(E): a warp for rows
+// of 32 or more 16-byte chunks, down to 4 lanes, so short rows keep all lanes busy; the scores kernel
+// always uses a warp), 8 warps a block, reading rows with 16-byte loads: the loss forward in one pass
+// over the logits, the backwards in two (statistics, then d logits).
+// Counts: rows of up to kSharedRowExperts experts count into a per-block shared-memory histogram
+// flushed with integer atomics; longer rows use integer atomics on global memory. The counts are
+// zeroed with cudaMemsetAsync first; integer atomics are exact, so counts are deterministic.
+// Loss sums: one kernel runs both stages of aux_loss_row.h's deterministic sum. Stage-1 blocks write
+// their partials to the workspace; the last block to finish (an integer atomic counter, zeroed with
+// cudaMemsetAsync) adds all partials in a fixed order. The grid depends only on the shapes.
+#include <cuda_runtime.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "aux_loss_ffi.h"
+#include "handlers.h"
+
+namespace jax_moe {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+// ------------------------------------------------------------------- lanes
+// The host branches only exist to compile: these policies are used from device code.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  return v;
+}
+
+template <int W>
+struct GroupLanes {
+  int lane;       // within the group
+  unsigned mask;  // the group's lanes
+  static constexpr int nlanes = W;
+  MOE_HD bool leader() const { return lane == 0; }
+  MOE_HD void sync() const {
+#ifdef __CUDA_ARCH__
+    __syncwarp(mask);
+#endif
+  }
+  MOE_HD float max(float v) const {
+#ifdef __CUDA_ARCH__
+    for (int off = W / 2; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(mask, v, off));
+#endif
+    return v;
+  }
+  MOE_HD float sum(float v) const {
+#ifdef __CUDA_ARCH__
+    for (int off = W / 2; off; off >>= 1) v += __shfl_xor_sync(mask, v, off);
+#endif
+    return v;
+  }
+  MOE_HD Cand best(Cand c) const {
+#ifdef __CUDA_ARCH__
+    for (int off = W / 2; off; off >>= 1) {
+      const Cand o{__shfl_xor_sync(mask, c.key, off), __shfl_xor_sync(mask, c.idx, off)};
+      if (before(o, c)) c = o;
+    }
+#endif
+    return c;
+  }
+};
+
+using WarpLanes = GroupLanes<32>;
+
+// ------------------------------------------------------- deterministic sum
+// Block sum of one value per warp of the first kSumWarps warps (lane 0's), as the last step of the host
+// replay block_sum_of_slots; the result is in warp 0. Every thread of the block must call it.
+__device__ float combine_warps(float w) {
+  __shared__ float ws[kSumWarps];
+  const int warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31);
+  if (lane == 0 && warp < kSumWarps) ws[warp] = w;
+  __syncthreads();
+  float v = 0.0f;
+  if (warp == 0) v = warp_sum(lane < kSumWarps ? ws[lane] : 0.0f);
+  __syncthreads();
+  return v;
+}
+
+// Block sum of one value per thread of the first kSumThreads threads (block_sum_of_slots(v, 32)).
+__device__ float block_sum_threads(float v) { return combine_warps(warp_sum(v)); }
+
+// Where a loss kernel writes: buf = [coeff, coeff * total] and the loss (buf[1] in loss_dtype).
+struct LossOut {
+  float coeff;
+  float* workspace;  // kSumWorkspace floats: partials, then the block counter
+  float* buf;
+  void* loss;
+  Dtype loss_dtype;
+
+  __device__ void write(float total) const {
+    buf[0] = coeff;
+    buf[1] = coeff * total;
+    store_float(loss, 0, buf[1], loss_dtype);
+  }
+};
+
+// Stage 1's end and stage 2: thread 0 holds this block's partial. The last block to finish adds all
+// partials (host replay: sum_partials) and writes the outputs.
+__device__ void finish_loss(float partial, const LossOut& out) {
+  __shared__ bool last;
+  auto* counter = reinterpret_cast<unsigned*>(out.workspace + kMaxSumBlocks);
+  if (threadIdx.x == 0) {
+    out.workspace[blockIdx.x] = partial;
+    __threadfence();
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  float acc = 0.0f;
+#pragma unroll
+  for (int r = 0; r < int(kMaxSumBlocks / kSumThreads); ++r) {
+    const unsigned i = threadIdx.x + r * kSumThreads;
+    if (i < gridDim.x) acc = acc + __ldcg(out.workspace + i);
+  }
+  const float total = block_sum_threads(acc);
+  if (threadIdx.x == 0) out.write(total);
+}
+
+__global__ void empty_loss_kernel(LossOut out) { out.write(0.0f); }
+
+// ----------------------------------------------------------------- kernels
+// Row kernels: 8 warps a block; each warp works on 32 / W rows at a time, W lanes a row (row_lanes).
+constexpr int kRowWarps = kSumWarps;
+constexpr int kRowThreads = kSumThreads;
+
+template <int W>
+struct RowGroup {
+  static constexpr int kPerBlock = kRowWarps * (32 / W);  // rows a block works on at once
+  __device__ static GroupLanes<W> lanes() {
+    const int lane = int(threadIdx.x & 31);
+    if constexpr (W == 32) {
+      return {lane, kFull};
+    } else {
+      return {lane & (W - 1), ((1u << W) - 1u) << (lane & ~(W - 1))};
+    }
+  }
+  __device__ static int64_t first() { return int64_t(blockIdx.x) * kPerBlock + (threadIdx.x / W); }
+  __device__ static int64_t stride() { return int64_t(gridDim.x) * kPerBlock; }
+};
+
+// Rows up to this many experts keep their scores' ranking keys in shared memory to rank from, and count
+// into a shared histogram; longer rows rank from the scores in global memory and count with global
+// atomics (contention is low with that many experts).
+constexpr int64_t kSharedRowExperts = 1024;
+
+template <class In>
+__global__ void __launch_bounds__(kRowThreads)
+    aux_scores_kernel(ScoreFunction f, int64_t k, const typename In::storage* __restrict__ x, int64_t T, int64_t E,
+                      float* scores, int* counts) {
+  using R = RowGroup<32>;
+  const WarpLanes L = R::lanes();
+  if (E > kSharedRowExperts) {
+    for (int64_t t = R::first(); t < T; t += R::stride()) {
+      aux_scores_row<WarpLanes, In>(L, f, k, x + t * E, E, scores + t * E, nullptr,
+                                    [&](int64_t e) { atomicAdd(counts + e, 1); });
+      __syncwarp();
+    }
+    return;
+  }
+  __shared__ int hist[kSharedRowExperts];
+  __shared__ uint32_t rank_keys[kRowWarps][kSharedRowExperts];
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  uint32_t* mine = rank_keys[threadIdx.x >> 5];
+  for (int64_t t = R::first(); t < T; t += R::stride()) {
+    aux_scores_row<WarpLanes, In>(L, f, k, x + t * E, E, scores + t * E, mine,
+                                  [&](int64_t e) { atomicAdd(hist + e, 1); });
+    __syncwarp();  // the next row overwrites the keys
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x)
+    if (hist[e]) atomicAdd(counts + e, hist[e]);
+}
+
+template <class In, int W>
+__global__ void __launch_bounds__(kRowThreads)
+    aux_scores_bwd_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, const float* __restrict__ g,
+                          int64_t T, int64_t E, typename In::storage* __restrict__ dx) {
+  using R = RowGroup<W>;
+  const auto L = R::lanes();
+  for (int64_t t = R::first(); t < T; t += R::stride()) {
+    const float* gt = g + t * E;
+    clean_scores_bwd_row<GroupLanes<W>, In>(L, f, x + t * E, E, [&](int64_t e) { return gt[e]; }, dx + t * E);
+  }
+}
+
+// Loads n consecutive elements starting at p, with one vector load when `vector` (then p is aligned).
+template <class S, int N, bool kVector>
+__device__ __forceinline__ void load_n(const S* __restrict__ p, S (&out)[N]) {
+  if constexpr (kVector) {
+    struct alignas(N * sizeof(S)) Pack {
+      S v[N];
+    };
+    const Pack pk = *reinterpret_cast<const Pack*>(p);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = pk.v[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = p[j];
+  }
+}
+
+// Stage 1 over probs: thread slot gid adds vectors gid, gid + slots, ... (aux_loss_row.h). Its column
+// moves by col_step each time; when that is 0 (C divides slots * V, e.g. C a power of two) the
+// thread's counts are loaded once. 8 blocks an SM: the largest grid, 1024 blocks, runs in one wave.
+template <class In, int V, bool kVector>
+__global__ void __launch_bounds__(kSumThreads, 8)
+    aux_loss_kernel(const typename In::storage* __restrict__ p, Counts tpe, int64_t vectors, int64_t cols,
+                    LossOut out) {
+  using S = typename In::storage;
+  const int64_t slots = int64_t(gridDim.x) * kSumThreads;
+  const int64_t first = int64_t(blockIdx.x) * kSumThreads + threadIdx.x;
+  const int64_t col_step = (slots * V) % cols;
+  int64_t col = (first * V) % cols;
+  const auto* w = static_cast<const float*>(tpe.data);
+  float wv[V];
+  const auto load_counts = [&] {
+    load_n<float, V, kVector>(w + col, wv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) wv[j] = tpe.convert(wv[j]);
+  };
+  if (col_step == 0 && first < vectors) load_counts();
+  float acc = 0.0f;
+#pragma unroll 4
+  for (int64_t v = first; v < vectors; v += slots) {
+    S pv[V];
+    load_n<S, V, kVector>(p + v * V, pv);
+    if (col_step != 0) load_counts();
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc = add_product(acc, In::to_float(pv[j]), wv[j]);
+    col += col_step;
+    if (col >= cols) col -= cols;
+  }
+  finish_loss(block_sum_threads(acc), out);
+}
+
+// Stage 1 of the fused loss: the warp (row slot) adds the row dots of rows slot, slot + slots, ...
+// One instantiation per score function keeps each within 32 registers (8 blocks an SM: one wave).
+// A row group's sum is on all its lanes: the xor butterfly over the warp's groups (offsets 16 .. W) adds
+// them as the host replay block_sum_of_slots does.
+template <class In, ScoreFunction kF, int W>
+__global__ void __launch_bounds__(kRowThreads, 8)
+    aux_logits_kernel(const typename In::storage* __restrict__ x, Counts tpe, int64_t T, int64_t E, LossOut out) {
+  using R = RowGroup<W>;
+  const auto L = R::lanes();
+  float acc = 0.0f;
+  for (int64_t t = R::first(); t < T; t += R::stride())
+    acc = acc + clean_dot<GroupLanes<W>, In>(L, kF, x + t * E, E, tpe);
+  for (int off = 16; off >= W; off >>= 1) acc += __shfl_xor_sync(kFull, acc, off);
+  finish_loss(combine_warps(acc), out);
+}
+
+template <class In, int W>
+__global__ void __launch_bounds__(kRowThreads)
+    aux_logits_bwd_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
+                          const float* __restrict__ buf, const float* __restrict__ g, int64_t T, int64_t E,
+                          typename In::storage* __restrict__ dx) {
+  using R = RowGroup<W>;
+  const auto L = R::lanes();
+  const float scale = buf[0] * g[0];
+  for (int64_t t = R::first(); t < T; t += R::stride())
+    clean_scores_bwd_row<GroupLanes<W>, In>(L, f, x + t * E, E, [&](int64_t e) { return scale * tpe(e); },
+                                            dx + t * E);
+}
+
+// ------------------------------------------------------------------ launch
+// Queried once per device: handlers run on many calls, possibly from several threads.
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> sms{};
+  const int slot = device & 63;
+  if (sms[slot].load() == 0) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    sms[slot].store(n > 0 ? n : 1);
+  }
+  return sms[slot].load();
+}
+
+ffi::Error launch_status(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jax_moe: ") + what + ": " + cudaGetErrorString(err));
+}
+
+// Grid of a row kernel whose result does not depend on it: enough blocks to fill the GPU, looping over rows.
+template <int W>
+unsigned row_grid(int64_t tokens, int device, int blocks_per_sm) {
+  const int64_t blocks = (tokens + RowGroup<W>::kPerBlock - 1) / RowGroup<W>::kPerBlock;
+  return unsigned(std::min<int64_t>(blocks, int64_t(sm_count(device)) * blocks_per_sm));
+}
+
+// Runs f.template operator()<W>() for W = row_lanes(experts, elem_bytes).
+template <class F>
+ffi::Error dispatch_row_lanes(int64_t experts, int64_t elem_bytes, F&& f) {
+  switch (row_lanes(experts, elem_bytes)) {
+    case 4: return f.template operator()<4>();
+    case 8: return f.template operator()<8>();
+    case 16: return f.template operator()<16>();
+    default: return f.template operator()<32>();
+  }
+}
+
+ffi::Error aux_scores_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer logits, ffi::Result<ffi::AnyBuffer> scores,
+                          ffi::Result<ffi::AnyBuffer> counts, int64_t topk, int64_t score_function) {
+  auto shapes = check_aux_scores_fwd(logits, *scores, *counts, topk, score_function);
+  if (shapes.has_error()) return shapes.error();
+  const RowShapes s = *shapes;
+  int* count = counts->typed_data<int32_t>();
+  if (cudaMemsetAsync(count, 0, s.experts * sizeof(int32_t), stream) != cudaSuccess)
+    return launch_status("aux scores (zeroing the counts)");
+  if (s.tokens == 0) return ffi::Error::Success();
+  float* out = scores->typed_data<float>();
+  return dispatch_float(s.dtype, [&]<class In>() {
+    aux_scores_kernel<In><<<row_grid<32>(s.tokens, device, 4), kRowThreads, 0, stream>>>(
+        s.f, topk, static_cast<const typename In::storage*>(logits.untyped_data()), s.tokens, s.experts, out, count);
+    return launch_status("aux scores");
+  });
+}
+
+ffi::Error aux_scores_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer logits, ffi::AnyBuffer dscores,
+                          ffi::Result<ffi::AnyBuffer> dlogits, int64_t score_function) {
+  auto shapes = check_aux_scores_bwd(logits, dscores, *dlogits, score_function);
+  if (shapes.has_error()) return shapes.error();
+  const RowShapes s = *shapes;
+  if (s.tokens == 0) return ffi::Error::Success();
+  return dispatch_float(s.dtype, [&]<class In>() {
+    using S = typename In::storage;
+    return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
+      aux_scores_bwd_kernel<In, W><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
+          s.f, static_cast<const S*>(logits.untyped_data()), dscores.typed_data<float>(), s.tokens, s.experts,
+          static_cast<S*>(dlogits->untyped_data()));
+      return launch_status("aux scores backward");
+    });
+  });
+}
+
+// Zeroes the workspace's block counter; with no blocks, writes the outputs directly.
+ffi::Error start_loss(cudaStream_t stream, int64_t blocks, const LossOut& out) {
+  if (blocks == 0) {
+    empty_loss_kernel<<<1, 1, 0, stream>>>(out);
+    return launch_status("aux loss (no tokens)");
+  }
+  if (cudaMemsetAsync(out.workspace + kMaxSumBlocks, 0, sizeof(unsigned), stream) != cudaSuccess)
+    return launch_status("aux loss (zeroing the block counter)");
+  return ffi::Error::Success();
+}
+
+template <class In, int V>
+void launch_loss(cudaStream_t stream, const ProbsShapes& s, const void* p, const LossOut& out) {
+  using S = typename In::storage;
+  const auto aligned = [](const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
+  const bool vector = aligned(p, V * sizeof(S)) && aligned(s.tpe.data, V * sizeof(float));
+  auto kernel = vector ? aux_loss_kernel<In, V, true> : aux_loss_kernel<In, V, false>;
+  kernel<<<unsigned(s.blocks), kSumThreads, 0, stream>>>(static_cast<const S*>(p), s.tpe, s.vectors, s.cols, out);
+}
+
+ffi::Error aux_loss_fwd(cudaStream_t stream, ffi::AnyBuffer probs, ffi::AnyBuffer tpe, ffi::Result<ffi::AnyBuffer> loss,
+                        ffi::Result<ffi::AnyBuffer> buf, ffi::Result<ffi::AnyBuffer> workspace, float coeff) {
+  auto shapes = check_aux_loss_fwd(probs, tpe, *loss, *buf, *workspace);
+  if (shapes.has_error()) return shapes.error();
+  const ProbsShapes s = *shapes;
+  const LossOut out{coeff, workspace->typed_data<float>(), buf->typed_data<float>(), loss->untyped_data(),
+                    s.loss_dtype};
+  if (auto err = start_loss(stream, s.blocks, out); !err.success() || s.blocks == 0) return err;
+  return dispatch_float(s.dtype, [&]<class In>() {
+    const void* p = probs.untyped_data();
+    switch (s.vec) {
+      case 8: launch_loss<In, 8>(stream, s, p, out); break;
+      case 4: launch_loss<In, 4>(stream, s, p, out); break;
+      case 2: launch_loss<In, 2>(stream, s, p, out); break;
+      default: launch_loss<In, 1>(stream, s, p, out); break;
+    }
+    return launch_status("aux loss");
+  });
+}
+
+ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBuffer tpe,
+                          ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> buf,
+                          ffi::Result<ffi::AnyBuffer> workspace, int64_t score_function, float coeff) {
+  auto shapes = check_aux_logits_fwd(logits, tpe, *loss, *buf, *workspace, score_function);
+  if (shapes.has_error()) return shapes.error();
+  const RowShapes s = *shapes;
+  const LossOut out{coeff, workspace->typed_data<float>(), buf->typed_data<float>(), loss->untyped_data(),
+                    Dtype::kF32};
+  return dispatch_float(s.dtype, [&]<class In>() {
+    using S = typename In::storage;
+    return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
+      // The plan of aux_loss_row.h: 32 / W row slots a warp.
+      const int64_t blocks = sum_blocks(s.tokens, RowGroup<W>::kPerBlock);
+      if (auto err = start_loss(stream, blocks, out); !err.success() || blocks == 0) return err;
+      auto kernel = s.f == ScoreFunction::kSoftmax   ? aux_logits_kernel<In, ScoreFunction::kSoftmax, W>
+                    : s.f == ScoreFunction::kSigmoid ? aux_logits_kernel<In, ScoreFunction::kSigmoid, W>
+                                                     : aux_logits_kernel<In, ScoreFunction::kSqrtSoftplus, W>;
+      kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(static_cast<const S*>(logits.untyped_data()), s.tpe,
+                                                           s.tokens, s.experts, out);
+      return launch_status("aux loss from logits");
+    });
+  });
+}
+
+ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer logits, ffi::AnyBuffer tpe,
+                          ffi::AnyBuffer buf, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dlogits,
+                          int64_t score_function) {
+  auto shapes = check_aux_logits_bwd(logits, tpe, buf, g, *dlogits, score_function);
+  if (shapes.has_error()) return shapes.error();
+  const RowShapes s = *shapes;
+  if (s.tokens == 0) return ffi::Error::Success();
+  return dispatch_float(s.dtype, [&]<class In>() {
+    using S = typename In::storage;
+    return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
+      aux_logits_bwd_kernel<In, W><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
+          s.f, static_cast<const S*>(logits.untyped_data()), s.tpe, buf.typed_data<float>(), g.typed_data<float>(),
+          s.tokens, s.experts, static_cast<S*>(dlogits->untyped_data()));
+      return launch_status("aux loss from logits backward");
+    });
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_scores_fwd_cuda, aux_scores_fwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("topk")
+                                  .Attr<int64_t>("score_function"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_scores_bwd_cuda, aux_scores_bwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("score_function"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_loss_fwd_cuda, aux_loss_fwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("coeff"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_logits_fwd_cuda, aux_logits_fwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("score_function")
+                                  .Attr<float>("coeff"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_logits_bwd_cuda, aux_logits_bwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("score_function"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jax_moe

@@ -1,0 +1,161 @@
+// Buffer checks of the aux-loss FFI handlers, shared by the CPU and CUDA builds: a call with
+// inconsistent buffers returns an FFI error before any kernel reads or writes them.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "aux_loss_row.h"
+#include "ffi_helpers.h"
+
+namespace jax_moe {
+
+// Logits-like buffers [..., E]: all leading dims are tokens; tpe when the call has tokens_per_expert.
+struct RowShapes {
+  Dtype dtype;
+  ScoreFunction f;
+  int64_t tokens;
+  int64_t experts;
+  Counts tpe = {nullptr, false};
+};
+
+// probs [T, C] read as `vectors` vectors of `vec` elements by `blocks` stage-1 blocks; the loss is
+// written in loss_dtype.
+struct ProbsShapes {
+  Dtype dtype;
+  Dtype loss_dtype;
+  Counts tpe;
+  int64_t rows;
+  int64_t cols;
+  int64_t vec;
+  int64_t vectors;
+  int64_t blocks;
+};
+
+namespace aux_detail {
+
+inline ffi::Unexpected<ffi::Error> fail(const std::string& what) { return ffi::Unexpected<ffi::Error>(invalid(what)); }
+
+inline bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+// A float32 vector of n elements.
+inline bool f32_vector(const ffi::AnyBuffer& b, int64_t n) {
+  return b.element_type() == ffi::DataType::F32 && b.dimensions().size() == 1 && b.dimensions()[0] == n;
+}
+
+inline ffi::ErrorOr<RowShapes> check_rows(const ffi::AnyBuffer& logits, int64_t score_function) {
+  const auto dims = logits.dimensions();
+  if (dims.size() == 0) return fail("logits must have rank >= 1");
+  const auto dtype = float_dtype(logits.element_type());
+  if (!dtype) return fail("logits must be float32, bfloat16 or float16");
+  // Counts are summed in float32 (exact to 2^24) and experts indexed as int32.
+  if (dims.back() < 1 || dims.back() > (int64_t(1) << 24)) return fail("num_experts must be in [1, 2^24]");
+  if (score_function < 0 || score_function > 2) return fail("unknown score_function");
+  return RowShapes{*dtype, ScoreFunction(score_function), leading_count(dims), dims.back()};
+}
+
+// tokens_per_expert: a float32 or int32 vector of n elements.
+inline std::optional<Counts> counts_vector(const ffi::AnyBuffer& b, int64_t n) {
+  const auto t = b.element_type();
+  if ((t != ffi::DataType::F32 && t != ffi::DataType::S32) || b.dimensions().size() != 1 || b.dimensions()[0] != n)
+    return std::nullopt;
+  return Counts{b.untyped_data(), t == ffi::DataType::S32};
+}
+
+// The loss output: a float scalar.
+inline std::optional<Dtype> scalar_float(const ffi::AnyBuffer& b) {
+  if (b.dimensions().size() != 0) return std::nullopt;
+  return float_dtype(b.element_type());
+}
+
+inline std::string loss_outputs_error() {
+  return "aux loss outputs must be a float scalar, float32 [2] and float32 [" + std::to_string(kSumWorkspace) + "]";
+}
+
+// d logits: the dtype and shape of logits.
+inline bool like(const ffi::AnyBuffer& out, const ffi::AnyBuffer& logits) {
+  return out.element_type() == logits.element_type() && same_dims(out.dimensions(), logits.dimensions());
+}
+
+}  // namespace aux_detail
+
+inline ffi::ErrorOr<RowShapes> check_aux_scores_fwd(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& scores,
+                                                    const ffi::AnyBuffer& counts, int64_t topk, int64_t score_function) {
+  using namespace aux_detail;
+  auto s = check_rows(logits, score_function);
+  if (s.has_error()) return s;
+  if (topk < 1 || topk > s->experts) return fail("topk must be in [1, num_experts]");
+  if (scores.element_type() != ffi::DataType::F32 || !same_dims(scores.dimensions(), logits.dimensions()))
+    return fail("aux scores must be float32 with the shape of logits");
+  if (counts.element_type() != ffi::DataType::S32 || counts.dimensions().size() != 1 ||
+      counts.dimensions()[0] != s->experts)
+    return fail("tokens_per_expert must be int32 [num_experts]");
+  return s;
+}
+
+inline ffi::ErrorOr<RowShapes> check_aux_scores_bwd(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& dscores,
+                                                    const ffi::AnyBuffer& dlogits, int64_t score_function) {
+  using namespace aux_detail;
+  auto s = check_rows(logits, score_function);
+  if (s.has_error()) return s;
+  if (dscores.element_type() != ffi::DataType::F32 || !same_dims(dscores.dimensions(), logits.dimensions()) ||
+      !like(dlogits, logits))
+    return fail("aux scores backward: d scores must be float32 and d logits like logits");
+  return s;
+}
+
+inline ffi::ErrorOr<ProbsShapes> check_aux_loss_fwd(const ffi::AnyBuffer& probs, const ffi::AnyBuffer& tpe,
+                                                    const ffi::AnyBuffer& loss, const ffi::AnyBuffer& buf,
+                                                    const ffi::AnyBuffer& workspace) {
+  using namespace aux_detail;
+  const auto dims = probs.dimensions();
+  const auto dtype = float_dtype(probs.element_type());
+  if (dims.size() != 2 || !dtype) return fail("probs must be a float32, bfloat16 or float16 array [T, C]");
+  const auto counts = counts_vector(tpe, dims[1]);
+  if (!counts) return fail("tokens_per_expert must be float32 or int32 [C]");
+  const auto loss_dtype = scalar_float(loss);
+  if (!loss_dtype || !f32_vector(buf, 2) || !f32_vector(workspace, kSumWorkspace)) return fail(loss_outputs_error());
+  ProbsShapes s{*dtype, *loss_dtype, *counts, dims[0], dims[1], 0, 0, 0};
+  s.vec = probs_vector_width(s.cols, *dtype == Dtype::kF32 ? 4 : 2);
+  s.vectors = s.rows * s.cols / s.vec;
+  s.blocks = sum_blocks(s.vectors, kSumThreads);
+  return s;
+}
+
+// The loss output is float32 (checked): its dtype is not returned.
+inline ffi::ErrorOr<RowShapes> check_aux_logits_fwd(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& tpe,
+                                                    const ffi::AnyBuffer& loss, const ffi::AnyBuffer& buf,
+                                                    const ffi::AnyBuffer& workspace, int64_t score_function) {
+  using namespace aux_detail;
+  auto s = check_rows(logits, score_function);
+  if (s.has_error()) return s;
+  const auto counts = counts_vector(tpe, s->experts);
+  if (!counts) return fail("tokens_per_expert must be float32 or int32 [num_experts]");
+  s->tpe = *counts;
+  if (scalar_float(loss) != Dtype::kF32 || !f32_vector(buf, 2) || !f32_vector(workspace, kSumWorkspace))
+    return fail(loss_outputs_error());
+  return s;
+}
+
+inline ffi::ErrorOr<RowShapes> check_aux_logits_bwd(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& tpe,
+                                                    const ffi::AnyBuffer& buf, const ffi::AnyBuffer& g,
+                                                    const ffi::AnyBuffer& dlogits, int64_t score_function) {
+  using namespace aux_detail;
+  auto s = check_rows(logits, score_function);
+  if (s.has_error()) return s;
+  const auto counts = counts_vector(tpe, s->experts);
+  if (!counts) return fail("tokens_per_expert must be float32 or int32 [num_experts]");
+  s->tpe = *counts;
+  if (!f32_vector(buf, 2)) return fail("the aux loss buffer must be float32 [2]");
+  if (g.element_type() != ffi::DataType::F32 || g.element_count() != 1)
+    return fail("the aux loss cotangent must be a float32 scalar");
+  if (!like(dlogits, logits)) return fail("d logits must have the dtype and shape of logits");
+  return s;
+}
+
+}  // namespace jax_moe
