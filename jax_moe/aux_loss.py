@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._ffi import TokenParallel, batch_size, kernel_primitive, move_batch_to_front
+from ._ffi import TokenParallel, batch_size, kernel_primitive, move_batch_to_front, reduced_aval
 
 _SCORE_FUNCTIONS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # values of ScoreFunction in moe_math.h
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -313,14 +313,8 @@ _logits_loss.defvjp(_logits_loss_fwd, _logits_loss_bwd)
 
 
 # ---------------------------------------------------------------- primitives
-def _reduced_like(x, shape, dtype):
-    """The aval of a per-call reduction of x: replicated, but varying over the manual (shard_map) axes
-    that x varies over, like any value computed from x."""
-    return x.update(shape=shape, dtype=dtype, sharding=x.sharding.update(spec=jax.sharding.PartitionSpec()))
-
-
 def _scores_fwd_abstract(logits, **_):
-    return (logits.update(dtype=jnp.float32), _reduced_like(logits, logits.shape[-1:], jnp.int32))
+    return (logits.update(dtype=jnp.float32), reduced_aval(logits, logits.shape[-1:], jnp.int32))
 
 
 def _like_logits_abstract(logits, *_, **__):
@@ -329,8 +323,8 @@ def _like_logits_abstract(logits, *_, **__):
 
 def _loss_abstract(x, *_, loss_dtype, **__):
     """(loss, buffer [C_coeff, loss] float32, workspace)."""
-    return (_reduced_like(x, (), loss_dtype), _reduced_like(x, (2,), jnp.float32),
-            _reduced_like(x, (_WORKSPACE,), jnp.float32))
+    return (reduced_aval(x, (), loss_dtype), reduced_aval(x, (2,), jnp.float32),
+            reduced_aval(x, (_WORKSPACE,), jnp.float32))
 
 
 def _probs_loss_abstract(probs, tpe, **params):

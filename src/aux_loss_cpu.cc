@@ -9,15 +9,6 @@
 namespace jax_moe {
 namespace {
 
-struct SerialLanes {
-  static constexpr int lane = 0, nlanes = 1;
-  bool leader() const { return true; }
-  void sync() const {}
-  float max(float v) const { return v; }
-  float sum(float v) const { return v; }
-  Cand best(Cand c) const { return c; }
-};
-
 // Stage 2 into buf = [coeff, coeff * total] and the loss (buf[1] in the loss dtype); the partials stay in
 // the workspace.
 void finish_loss(const float* partials, int64_t blocks, float coeff, float* buf, void* loss, Dtype loss_dtype) {

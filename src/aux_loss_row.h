@@ -1,8 +1,9 @@
 // Load-balancing aux loss (SPEC §2): the math of one token row and the order of the deterministic sums,
 // written once for the CPU and CUDA kernels.
 //
-// Row algorithms take a `Lanes` policy, as in routing_row.h: one lane on the CPU, a warp on CUDA. They need only lane, nlanes, leader(), sync(), max, sum and best, so the routing kernels'
-// policies can run them too. Every reduction is over a fixed assignment of elements to lanes followed by
+// Row algorithms take a `Lanes` policy, as in routing_row.h: one lane on the CPU, a warp or a smaller
+// group of a warp's lanes on CUDA. They need only lane, nlanes, leader(), sync(), max, sum and best, so
+// the routing kernels' policies can run them too. Every reduction is over a fixed assignment of elements to lanes followed by
 // the policy's fixed-shape reduction: results never depend on timing.
 #pragma once
 
@@ -83,7 +84,7 @@ MOE_HD void map_row(const Lanes& L, const typename In::storage* x, int64_t n, ty
   const bool aligned = aligned16(x), out_aligned = aligned16(out);
   for (int64_t c = L.lane; c < chunks; c += L.nlanes) {
     S v[V];
-    O o[V];
+    alignas(16) O o[V];
     load_chunk(x + c * V, aligned, v);
 #pragma unroll
     for (int j = 0; j < V; ++j) o[j] = Out::from_float(f(c * V + j, In::to_float(v[j])));

@@ -163,8 +163,10 @@ def test_matches_reference(name, rng):
   x = random_x(rng, layer.config)
   cot = jnp.asarray(rng.standard_normal(x.shape), F32)
   state, fn = module_fn(layer)
-  grads, (out, aux, stats) = outputs_and_grads(fn, cot)(state, x)
-  ref_grads, (ref_out, ref_aux, ref_counts) = outputs_and_grads(reference_fn(layer), cot)(state, x)
+  # GPUs default to TF32 for float32 matmuls: both sides must multiply in full float32 to agree.
+  with jax.default_matmul_precision("highest"):
+    grads, (out, aux, stats) = outputs_and_grads(fn, cot)(state, x)
+    ref_grads, (ref_out, ref_aux, ref_counts) = outputs_and_grads(reference_fn(layer), cot)(state, x)
   np.testing.assert_allclose(out, ref_out, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(aux, ref_aux, rtol=1e-5)
   np.testing.assert_array_equal(stats["tokens_per_expert"], ref_counts)
