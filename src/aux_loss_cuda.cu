@@ -20,6 +20,7 @@
 
 #include "aux_loss_ffi.h"
 #include "handlers.h"
+#include "lanes_cuda.cuh"
 
 namespace jax_moe {
 namespace {
@@ -33,41 +34,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <int W>
-struct GroupLanes {
-  int lane;       // within the group
-  unsigned mask;  // the group's lanes
-  static constexpr int nlanes = W;
-  MOE_HD bool leader() const { return lane == 0; }
-  MOE_HD void sync() const {
-#ifdef __CUDA_ARCH__
-    __syncwarp(mask);
-#endif
-  }
-  MOE_HD float max(float v) const {
-#ifdef __CUDA_ARCH__
-    for (int off = W / 2; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(mask, v, off));
-#endif
-    return v;
-  }
-  MOE_HD float sum(float v) const {
-#ifdef __CUDA_ARCH__
-    for (int off = W / 2; off; off >>= 1) v += __shfl_xor_sync(mask, v, off);
-#endif
-    return v;
-  }
-  MOE_HD Cand best(Cand c) const {
-#ifdef __CUDA_ARCH__
-    for (int off = W / 2; off; off >>= 1) {
-      const Cand o{__shfl_xor_sync(mask, c.key, off), __shfl_xor_sync(mask, c.idx, off)};
-      if (before(o, c)) c = o;
-    }
-#endif
-    return c;
-  }
-};
-
-using WarpLanes = GroupLanes<32>;
 
 // ------------------------------------------------------- deterministic sum
 // Block sum of one value per warp of the first kSumWarps warps (lane 0's), as the last step of the host

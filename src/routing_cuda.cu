@@ -17,12 +17,12 @@
 
 #include "ffi_helpers.h"
 #include "handlers.h"
+#include "lanes_cuda.cuh"
 #include "route_aux_row.h"
 
 namespace jax_moe {
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxFastV = 32;     // experts per lane in registers: E <= 1024
 constexpr int kMaxFastTopk = 32;  // one chosen expert per lane
@@ -32,39 +32,6 @@ struct AuxArgs {
   AuxConfig cfg;
   float* ws_colsum;    // [gridDim.x, E]
   int32_t* ws_counts;  // [gridDim.x, E]
-};
-
-// Warp reductions for the shared row algorithms. The host branch only exists to compile.
-struct WarpLanes {
-  int lane;
-  static constexpr int nlanes = 32;
-  MOE_HD bool leader() const { return lane == 0; }
-  MOE_HD void sync() const {
-#ifdef __CUDA_ARCH__
-    __syncwarp();
-#endif
-  }
-  MOE_HD float max(float v) const {
-#ifdef __CUDA_ARCH__
-    for (int off = 16; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, off));
-#endif
-    return v;
-  }
-  MOE_HD float sum(float v) const {
-#ifdef __CUDA_ARCH__
-    for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-#endif
-    return v;
-  }
-  MOE_HD Cand best(Cand c) const {
-#ifdef __CUDA_ARCH__
-    for (int off = 16; off; off >>= 1) {
-      const Cand o{__shfl_xor_sync(kFull, c.key, off), __shfl_xor_sync(kFull, c.idx, off)};
-      if (before(o, c)) c = o;
-    }
-#endif
-    return c;
-  }
 };
 
 // ------------------------------------------------------------------ fast path
@@ -94,7 +61,7 @@ __device__ void load_lane(const typename In::storage* row, int lane, int E, floa
 template <int V>
 __device__ void keep_best_groups_fast(const RouteConfig& c, uint32_t (&key)[V], int lane, int lpg) {
   const int seg = lane & ~(lpg - 1);
-  const unsigned seg_mask = lpg == 32 ? kFull : ((1u << lpg) - 1u) << seg;
+  const unsigned seg_mask = lpg == 32 ? kFullMask : ((1u << lpg) - 1u) << seg;
   uint32_t taken = 0;  // bit i: key[i] already counted in the group score
   float total = 0.0f;
   for (int r = 0; r < c.group_score_topn; ++r) {
@@ -104,8 +71,8 @@ __device__ void keep_best_groups_fast(const RouteConfig& c, uint32_t (&key)[V], 
     for (int i = 0; i < V; ++i)
       if (!((taken >> i) & 1u) && key[i] > bk) bk = key[i], bi = i;
     uint32_t m = bk;
-    for (int off = 1; off < lpg; off <<= 1) m = max(m, __shfl_xor_sync(kFull, m, off));
-    const unsigned holders = __ballot_sync(kFull, bk == m) & seg_mask;
+    for (int off = 1; off < lpg; off <<= 1) m = max(m, __shfl_xor_sync(kFullMask, m, off));
+    const unsigned holders = __ballot_sync(kFullMask, bk == m) & seg_mask;
     if (lane == __ffs(holders) - 1) taken |= 1u << bi;  // the lowest lane holds the lowest index
     total += key_value(m);
   }
@@ -113,8 +80,8 @@ __device__ void keep_best_groups_fast(const RouteConfig& c, uint32_t (&key)[V], 
   uint32_t cand = (lane == seg && lane / lpg < c.num_groups) ? rank_key(total) : kExcluded;
   bool keep = false;
   for (int p = 0; p < c.group_topk; ++p) {
-    const uint32_t m = __reduce_max_sync(kFull, cand);
-    const int winner = __ffs(__ballot_sync(kFull, cand == m)) - 1;
+    const uint32_t m = __reduce_max_sync(kFullMask, cand);
+    const int winner = __ffs(__ballot_sync(kFullMask, cand == m)) - 1;
     if (lane == winner) cand = kExcluded;
     keep |= seg == winner;
   }
@@ -143,19 +110,19 @@ __device__ bool topk_by_candidates(int k, const uint32_t (&key)[V], const float 
   for (int i = 0; i < V; ++i) lane_max = max(lane_max, key[i]);
   uint32_t tau = kExcluded, m = lane_max;
   for (int p = 0; p < k; ++p) {
-    tau = __reduce_max_sync(kFull, m);
-    if (lane == __ffs(__ballot_sync(kFull, m == tau)) - 1) m = kExcluded;
+    tau = __reduce_max_sync(kFullMask, m);
+    if (lane == __ffs(__ballot_sync(kFullMask, m == tau)) - 1) m = kExcluded;
   }
   tau = max(tau, kExcluded + 1);  // never admit excluded experts
   int count = 0;
 #pragma unroll
   for (int i = 0; i < V; ++i) count += key[i] >= tau;
-  const int total = int(__reduce_add_sync(kFull, unsigned(count)));
+  const int total = int(__reduce_add_sync(kFullMask, unsigned(count)));
   if (total > 32) return false;  // many ties at tau: let the caller take the exact slow route
 
   int slot = count;  // inclusive prefix sum of the counts, then exclusive
   for (int off = 1; off < 32; off <<= 1) {
-    const int up = __shfl_up_sync(kFull, slot, off);
+    const int up = __shfl_up_sync(kFullMask, slot, off);
     if (lane >= off) slot += up;
   }
   slot -= count;
@@ -169,7 +136,7 @@ __device__ bool topk_by_candidates(int k, const uint32_t (&key)[V], const float 
   const float cv = holds ? s.val[lane] : 0.0f;
   int rank = 0;
   for (int q = 0; q < total; ++q)
-    rank += ranks_before(__shfl_sync(kFull, ck, q), __shfl_sync(kFull, ce, q), ck, ce);
+    rank += ranks_before(__shfl_sync(kFullMask, ck, q), __shfl_sync(kFullMask, ce, q), ck, ce);
   __syncwarp();
   if (holds && rank < k) s.expert[rank] = ce, s.val[rank] = cv;
   __syncwarp();
@@ -189,13 +156,13 @@ __device__ void topk_by_rounds(int k, uint32_t (&key)[V], const float (&val)[V],
 #pragma unroll
     for (int i = 0; i < V; ++i)
       if (key[i] > bk) bk = key[i], bi = i, bv = val[i];
-    const uint32_t m = __reduce_max_sync(kFull, bk);
-    const int winner = __ffs(__ballot_sync(kFull, bk == m)) - 1;
+    const uint32_t m = __reduce_max_sync(kFullMask, bk);
+    const int winner = __ffs(__ballot_sync(kFullMask, bk == m)) - 1;
 #pragma unroll
     for (int i = 0; i < V; ++i)
       if (lane == winner && i == bi) key[i] = kExcluded;
-    const int e = __shfl_sync(kFull, e0 + bi, winner);
-    const float v = __shfl_sync(kFull, bv, winner);
+    const int e = __shfl_sync(kFullMask, e0 + bi, winner);
+    const float v = __shfl_sync(kFullMask, bv, winner);
     if (lane == j) *my_e = e, *my_v = v;
   }
 }
@@ -212,7 +179,7 @@ __device__ void warp_topk(int k, uint32_t (&key)[V], const float (&val)[V], int 
 template <int V>
 __device__ void aux_token_fast(const AuxConfig& a, const float (&xv)[V], int lane, int E, float (&colsum)[V],
                                int* counts, FastScratch& scratch) {
-  const WarpLanes L{lane};
+  const WarpLanes L{lane, kFullMask};
   const int e0 = lane * V;
   const bool softmax = a.score_function == ScoreFunction::kSoftmax;
   float mx = 0.0f;
@@ -248,7 +215,7 @@ __device__ void route_token_fast(const RouteConfig& c, const AuxConfig& a, const
                                  const float* sbias, int lane, int lpg, FastScratch& scratch, float (&colsum)[V],
                                  int* counts, float* w_out, int32_t* idx_out) {
   const int E = int(c.num_experts), e0 = lane * V;
-  const WarpLanes L{lane};
+  const WarpLanes L{lane, kFullMask};
   float xv[V];
   load_lane<In, V>(row, lane, E, xv);
   if constexpr (kAux) aux_token_fast<V>(a, xv, lane, E, colsum, counts, scratch);
@@ -483,7 +450,7 @@ __global__ void route_generic_kernel(RouteConfig c, const typename In::storage* 
   const RouteScratch s{mine, reinterpret_cast<float*>(mine + E), mine + 2 * E};
   float* colsum = reinterpret_cast<float*>(mine + 2 * E + c.num_groups);
   int32_t* counts = reinterpret_cast<int32_t*>(colsum + E);
-  const WarpLanes L{int(threadIdx.x & 31)};
+  const WarpLanes L{int(threadIdx.x & 31), kFullMask};
   if constexpr (kAux)
     for (int64_t e = L.lane; e < E; e += 32) colsum[e] = 0.0f, counts[e] = 0;
   const int64_t stride = int64_t(gridDim.x) * warps_per_block;
@@ -508,16 +475,23 @@ __global__ void route_generic_kernel(RouteConfig c, const typename In::storage* 
   }
 }
 
-// Adds the blocks' partial aux statistics in block order.
+// Adds the blocks' partial aux statistics in a fixed order: one warp per expert, lane l adding the
+// partials of blocks l, l + 32, ... (independent loads in flight), then a fixed butterfly.
 __global__ void aux_finalize_kernel(const float* __restrict__ ws_colsum, const int32_t* __restrict__ ws_counts,
                                     int64_t blocks, int64_t E, float* __restrict__ colsum,
                                     int32_t* __restrict__ counts) {
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < E; e += int64_t(gridDim.x) * blockDim.x) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; e < E; e += warps) {
     float acc = 0.0f;
     int32_t n = 0;
-    for (int64_t b = 0; b < blocks; ++b) acc += ws_colsum[b * E + e], n += ws_counts[b * E + e];
-    colsum[e] = acc;
-    counts[e] = n;
+#pragma unroll 8
+    for (int64_t b = lane; b < blocks; b += 32) acc += ws_colsum[b * E + e], n += ws_counts[b * E + e];
+    for (int off = 16; off; off >>= 1) {
+      acc += __shfl_xor_sync(kFullMask, acc, off);
+      n += __shfl_xor_sync(kFullMask, n, off);
+    }
+    if (lane == 0) colsum[e] = acc, counts[e] = n;
   }
 }
 
@@ -538,7 +512,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_bwd_kernel(RouteConfig c, ScoreFunction aux_f, const typename In::storage* __restrict__ x,
                      const int32_t* __restrict__ idx, const float* __restrict__ dw, const float* __restrict__ dscale,
                      typename In::storage* __restrict__ dx, int64_t T) {
-  const WarpLanes L{int(threadIdx.x & 31)};
+  const WarpLanes L{int(threadIdx.x & 31), kFullMask};
   const int64_t E = c.num_experts, k = c.topk, stride = int64_t(gridDim.x) * kWarpsPerBlock;
   const bool sparse = !kAux && !(c.score_function == ScoreFunction::kSoftmax && c.use_pre_softmax);
   for (int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; t < T; t += stride) {
@@ -738,7 +712,9 @@ ffi::Error route_aux_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer log
     return route_fwd_typed<In, true>(l, b.config, logits.untyped_data(), b.bias, b.tokens, b.weights, b.indices);
   });
   if (routed.failure()) return routed;
-  aux_finalize_kernel<<<unsigned((E + 255) / 256), 256, 0, stream>>>(aux.ws_colsum, aux.ws_counts, blocks, E, cs, cn);
+  const unsigned warps_per_block = 8, grid = unsigned(std::min<int64_t>((E + warps_per_block - 1) / warps_per_block,
+                                                                        int64_t(l.dev.sm_count) * 16));
+  aux_finalize_kernel<<<grid, warps_per_block * 32, 0, stream>>>(aux.ws_colsum, aux.ws_counts, blocks, E, cs, cn);
   return launch_status("route_with_aux_loss forward (statistics)");
 }
 
