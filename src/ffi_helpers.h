@@ -82,16 +82,23 @@ struct RouteFwdBuffers {
 
 inline ffi::Unexpected<ffi::Error> failure(const std::string& what) { return ffi::Unexpected<ffi::Error>(invalid(what)); }
 
+// logits [..., E] of a float dtype, with a config valid for E: the config with E filled in.
+inline ffi::ErrorOr<RouteConfig> check_logits(const ffi::AnyBuffer& logits, RouteConfig config) {
+  if (logits.dimensions().size() == 0) return failure("logits must have rank >= 1");
+  if (!float_dtype(logits.element_type())) return failure("logits must be float32, bfloat16 or float16");
+  config.num_experts = logits.dimensions().back();
+  if (const char* err = route_config_error(config)) return failure(err);
+  return config;
+}
+
 // logits [..., E], bias [E] or [0], weights f32 and indices s32 [..., topk].
 inline ffi::ErrorOr<RouteFwdBuffers> check_route_fwd(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& bias,
                                                      ffi::AnyBuffer weights, ffi::AnyBuffer indices,
-                                                     RouteConfig config) {
+                                                     RouteConfig requested) {
+  auto checked = check_logits(logits, requested);
+  if (checked.has_error()) return ffi::Unexpected<ffi::Error>(checked.error());
+  const RouteConfig config = *checked;
   const auto dims = logits.dimensions();
-  if (dims.size() == 0) return failure("logits must have rank >= 1");
-  const auto dtype = float_dtype(logits.element_type());
-  if (!dtype) return failure("logits must be float32, bfloat16 or float16");
-  config.num_experts = dims.back();
-  if (const char* err = route_config_error(config)) return failure(err);
   if (weights.element_type() != ffi::DataType::F32 || indices.element_type() != ffi::DataType::S32 ||
       !same_leading(weights.dimensions(), dims, config.topk) || !same_leading(indices.dimensions(), dims, config.topk))
     return failure("route outputs must be float32 weights and int32 indices of shape [..., topk] like logits");
@@ -100,7 +107,7 @@ inline ffi::ErrorOr<RouteFwdBuffers> check_route_fwd(const ffi::AnyBuffer& logit
   if (!bias_dtype || (bias_count != 0 && bias_count != config.num_experts))
     return failure("expert_bias must be a float array of shape [num_experts]");
   return RouteFwdBuffers{config,
-                         *dtype,
+                         *float_dtype(logits.element_type()),
                          leading_count(dims),
                          BiasLoader{bias_count ? bias.untyped_data() : nullptr, *bias_dtype},
                          weights.typed_data<float>(),
@@ -121,19 +128,22 @@ struct RouteBwdBuffers {
 // logits [..., E], indices s32 and dweights f32 [..., topk], dlogits like logits.
 inline ffi::ErrorOr<RouteBwdBuffers> check_route_bwd(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& indices,
                                                      const ffi::AnyBuffer& dweights, ffi::AnyBuffer dlogits,
-                                                     RouteConfig config) {
+                                                     RouteConfig requested) {
+  auto checked = check_logits(logits, requested);
+  if (checked.has_error()) return ffi::Unexpected<ffi::Error>(checked.error());
+  const RouteConfig config = *checked;
   const auto dims = logits.dimensions();
-  if (dims.size() == 0) return failure("logits must have rank >= 1");
-  const auto dtype = float_dtype(logits.element_type());
-  if (!dtype) return failure("logits must be float32, bfloat16 or float16");
-  config.num_experts = dims.back();
-  if (const char* err = route_config_error(config)) return failure(err);
   if (indices.element_type() != ffi::DataType::S32 || dweights.element_type() != ffi::DataType::F32 ||
       !same_leading(indices.dimensions(), dims, config.topk) || !same_leading(dweights.dimensions(), dims, config.topk) ||
       dlogits.element_type() != logits.element_type() || dlogits.element_count() != logits.element_count())
     return failure("route backward buffers do not match logits [..., E] and indices/dweights [..., topk]");
-  return RouteBwdBuffers{config,           *dtype, leading_count(dims), logits.untyped_data(), indices.typed_data<int32_t>(),
-                         dweights.typed_data<float>(), dlogits.untyped_data()};
+  return RouteBwdBuffers{config,
+                         *float_dtype(logits.element_type()),
+                         leading_count(dims),
+                         logits.untyped_data(),
+                         indices.typed_data<int32_t>(),
+                         dweights.typed_data<float>(),
+                         dlogits.untyped_data()};
 }
 
 inline bool is_vector(const ffi::AnyBuffer& b, ffi::DataType t, int64_t n) {
