@@ -277,3 +277,15 @@ def move_batch_to_front(args, dims, size):
 
 def batch_size(args, dims) -> int:
     return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+
+
+def batch_as_tokens(prim, args, dims, **params):
+    """vmap rule of a per-token kernel: leading dims are tokens to it, so the batch is more tokens."""
+    return prim.bind(*move_batch_to_front(args, dims, batch_size(args, dims)), **params), (0,)
+
+
+def batch_per_call(prim, args, dims, **params):
+    """vmap rule of a kernel whose outputs reduce over all of its tokens: one call per batch element."""
+    args = move_batch_to_front(args, dims, batch_size(args, dims))
+    outs = jax.lax.map(lambda a: tuple(prim.bind(*a, **params)), tuple(args))
+    return list(outs), (0,) * len(outs)

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._ffi import TokenParallel, batch_size, kernel_primitive, move_batch_to_front, reduced_aval
+from . import _checks as checks
+from ._ffi import TokenParallel, batch_as_tokens, batch_per_call, kernel_primitive, reduced_aval
 
-_SCORE_FUNCTIONS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # values of ScoreFunction in moe_math.h
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _WORKSPACE = 1025  # kSumWorkspace in aux_loss_row.h: stage-1 partials and a block counter
 
 
@@ -58,8 +56,8 @@ def aux_loss_scores(logits, topk: int, *, score_function: str = "softmax"):
       * under vmap, each batch element gets its own counts ([B, E]); the kernel runs once per element.
     """
     logits = _check_float(logits, "logits")
-    topk = _check_topk(topk, logits.shape[-1])
-    return _aux_scores(logits, topk, _score_function(score_function))
+    topk = checks.topk_in_range(topk, logits.shape[-1])
+    return _aux_scores(logits, topk, checks.score_function(score_function))
 
 
 def aux_loss(probs, tokens_per_expert, *, topk: int, coeff: float, num_experts: int | None = None,
@@ -93,14 +91,14 @@ def aux_loss(probs, tokens_per_expert, *, topk: int, coeff: float, num_experts: 
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape [T, C], got rank {probs.ndim}")
     num_cols = probs.shape[1]
-    num_experts = num_cols if num_experts is None else _static_int(num_experts, "num_experts")
+    num_experts = num_cols if num_experts is None else checks.static_int(num_experts, "num_experts")
     if num_experts < 1 or num_cols % num_experts:
         raise ValueError(f"num_experts must be >= 1 and divide C = probs.shape[1] = {num_cols}, got {num_experts}")
     tpe = _check_counts(tokens_per_expert, num_cols)
-    topk = _check_topk(topk, num_experts)
-    coeff = _static_float(coeff, "coeff")
-    axes = _axis_names(axis_name)
-    tokens = _total_tokens(total_num_tokens, probs.shape[0], axes)
+    topk = checks.topk_in_range(topk, num_experts)
+    coeff = checks.static_float(coeff, "coeff")
+    axes = checks.axis_names(axis_name)
+    tokens = checks.total_tokens(total_num_tokens, probs.shape[0], axes)
     c_coeff = loss_coefficient(num_experts, coeff, topk, tokens)
     loss, partial = _loss(probs, tpe, c_coeff, (probs.shape, probs.dtype))
     if axes:  # add the shards' float32 partial losses, then round
@@ -130,11 +128,11 @@ def aux_loss_from_logits(logits, tokens_per_expert, *, topk: int, coeff: float, 
     logits = _check_float(logits, "logits")
     num_experts = logits.shape[-1]
     tpe = _check_counts(tokens_per_expert, num_experts)
-    topk = _check_topk(topk, num_experts)
-    coeff = _static_float(coeff, "coeff")
-    sf = _score_function(score_function)
-    axes = _axis_names(axis_name)
-    tokens = _total_tokens(total_num_tokens, math.prod(logits.shape[:-1]), axes)
+    topk = checks.topk_in_range(topk, num_experts)
+    coeff = checks.static_float(coeff, "coeff")
+    sf = checks.score_function(score_function)
+    axes = checks.axis_names(axis_name)
+    tokens = checks.total_tokens(total_num_tokens, math.prod(logits.shape[:-1]), axes)
     loss = _logits_loss(logits, tpe, loss_coefficient(num_experts, coeff, topk, tokens), sf)
     return jax.lax.psum(loss, axes) if axes else loss
 
@@ -148,54 +146,27 @@ def tokens_per_expert(indices, num_experts: int, axis_name=None):
     indices = jnp.asarray(indices)
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise TypeError(f"indices must be an integer array, got {indices.dtype}")
-    num_experts = _static_int(num_experts, "num_experts")
+    num_experts = checks.static_int(num_experts, "num_experts")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    axes = _axis_names(axis_name)
+    axes = checks.axis_names(axis_name)
     flat = indices.reshape(-1)
     valid = (flat >= 0) & (flat < num_experts)
     # Out-of-range indices go to slot num_experts, which mode="drop" discards (negative ones would wrap).
     slot = jnp.where(valid, flat, num_experts).astype(jnp.int32)
     counts = jnp.zeros((num_experts,), jnp.int32).at[slot].add(1, mode="drop")
     if axes:
-        _check_axes_bound(axes)
+        checks.axes_size(axes)
         counts = jax.lax.psum(counts, axes)
     return counts
 
 
 # ------------------------------------------------------------------ checking
-def _static_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a static Python int, got {type(value).__name__}")
-    return operator.index(value)
-
-
-def _static_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a static Python number, got {type(value).__name__}")
-    return float(value)
-
-
 def _check_float(x, name: str) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    x = checks.float_array(x, name)
     if x.ndim < 1:
         raise ValueError(f"{name} must have shape [..., num_experts], got a scalar")
     return x
-
-
-def _check_topk(topk, num_experts: int) -> int:
-    topk = _static_int(topk, "topk")
-    if not 1 <= topk <= num_experts:
-        raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
-    return topk
-
-
-def _score_function(score_function) -> int:
-    if not isinstance(score_function, str) or score_function not in _SCORE_FUNCTIONS:
-        raise ValueError(f"score_function must be one of {sorted(_SCORE_FUNCTIONS)}, got {score_function!r}")
-    return _SCORE_FUNCTIONS[score_function]
 
 
 def _check_counts(tokens_per_expert, length: int) -> jax.Array:
@@ -207,36 +178,6 @@ def _check_counts(tokens_per_expert, length: int) -> jax.Array:
         raise ValueError(f"tokens_per_expert must have shape ({length},), got {tpe.shape}")
     # The kernels read int32 and float32 counts as they are (no convert kernel); others become float32.
     return tpe if tpe.dtype in (jnp.int32, jnp.float32) else tpe.astype(jnp.float32)
-
-
-def _axis_names(axis_name) -> tuple:
-    if axis_name is None:
-        return ()
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    if not names or not all(isinstance(a, str) for a in names):
-        raise TypeError(f"axis_name must be a mesh axis name or a tuple of them, got {axis_name!r}")
-    return names
-
-
-def _check_axes_bound(axes) -> int:
-    """The product of the axes' sizes; a clear error outside shard_map."""
-    size = 1
-    for a in axes:
-        try:
-            size *= jax.lax.axis_size(a)
-        except NameError as e:
-            raise ValueError(f"axis_name {a!r} is not bound here: use it inside shard_map over that axis") from e
-    return size
-
-
-def _total_tokens(total_num_tokens, local_tokens: int, axes) -> int:
-    size = _check_axes_bound(axes)
-    if total_num_tokens is None:
-        return local_tokens * size
-    total = _static_int(total_num_tokens, "total_num_tokens")
-    if total < 0:
-        raise ValueError(f"total_num_tokens must be >= 0, got {total}")
-    return total
 
 
 # ---------------------------------------------------------------- custom_vjp
@@ -335,23 +276,11 @@ def _logits_loss_abstract(logits, tpe, **params):
     return _loss_abstract(logits, loss_dtype=jnp.float32)
 
 
-def _map_batch(prim, args, dims, **params):
-    """Runs the kernel once per batch element (its outputs are per-call reductions)."""
-    args = move_batch_to_front(args, dims, batch_size(args, dims))
-    outs = jax.lax.map(lambda a: tuple(prim.bind(*a, **params)), tuple(args))
-    return list(outs), (0,) * len(outs)
-
-
-def _tokenwise_batch(prim, args, dims, **params):
-    """Leading dims are tokens to the kernel: the batch is just more tokens."""
-    return prim.bind(*move_batch_to_front(args, dims, batch_size(args, dims)), **params), (0,)
-
-
 def _logits_bwd_batch(prim, args, dims, **params):
     logits, *shared = args
     if all(d is None for d in dims[1:]):  # tpe, buffer and cotangent shared: more tokens
         return prim.bind(jnp.moveaxis(logits, dims[0], 0), *shared, **params), (0,)
-    return _map_batch(prim, args, dims, **params)
+    return batch_per_call(prim, args, dims, **params)
 
 
 def _combine_loss(results, axes):
@@ -361,13 +290,13 @@ def _combine_loss(results, axes):
     return [total.astype(loss.dtype), jnp.stack([buf[0], total]), workspace]
 
 
-aux_scores_fwd_p = kernel_primitive("jax_moe_aux_scores_fwd", _scores_fwd_abstract, _map_batch,
+aux_scores_fwd_p = kernel_primitive("jax_moe_aux_scores_fwd", _scores_fwd_abstract, batch_per_call,
                                     TokenParallel(reduced=(1,)))
-aux_scores_bwd_p = kernel_primitive("jax_moe_aux_scores_bwd", _like_logits_abstract, _tokenwise_batch,
+aux_scores_bwd_p = kernel_primitive("jax_moe_aux_scores_bwd", _like_logits_abstract, batch_as_tokens,
                                     TokenParallel())
-aux_loss_fwd_p = kernel_primitive("jax_moe_aux_loss_fwd", _probs_loss_abstract, _map_batch,
+aux_loss_fwd_p = kernel_primitive("jax_moe_aux_loss_fwd", _probs_loss_abstract, batch_per_call,
                                   TokenParallel(replicated=(1,), reduced=(0, 1, 2), combine=_combine_loss))
-aux_logits_fwd_p = kernel_primitive("jax_moe_aux_logits_fwd", _logits_loss_abstract, _map_batch,
+aux_logits_fwd_p = kernel_primitive("jax_moe_aux_logits_fwd", _logits_loss_abstract, batch_per_call,
                                     TokenParallel(replicated=(1,), reduced=(0, 1, 2), combine=_combine_loss))
 aux_logits_bwd_p = kernel_primitive("jax_moe_aux_logits_bwd", _like_logits_abstract, _logits_bwd_batch,
                                     TokenParallel(replicated=(1, 2, 3)))

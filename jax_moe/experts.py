@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from . import _checks as checks
 from . import _ffi
 from ._ffi import batch_size, derived_aval, kernel_primitive, match_manual_axes, move_batch_to_front
 
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _GEMM_DTYPES = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}  # GemmDtype
 _GEMM_FWD, _GEMM_DLHS, _GEMM_DRHS = 0, 1, 2  # GemmOp in src/grouped_gemm.h
 _INT32_MAX = 2**31 - 1
@@ -64,7 +62,7 @@ def permute(x, indices, num_experts: int):
       * the sort is global over the tokens: under jit with sharded inputs they are gathered first;
         inside shard_map each shard sorts its own tokens.
     """
-    x = _check_float(x, "x")
+    x = checks.float_array(x, "x")
     if x.ndim < 1:
         raise ValueError("x must have shape [..., H], got a scalar")
     indices = _check_int(indices, "indices")
@@ -74,7 +72,7 @@ def permute(x, indices, num_experts: int):
     topk = indices.shape[-1]
     if topk < 1:
         raise ValueError("indices must have at least one slot per token (k >= 1)")
-    num_experts = _static_int(num_experts, "num_experts")
+    num_experts = checks.static_int(num_experts, "num_experts")
     if not 1 <= num_experts < _INT32_MAX:
         raise ValueError(f"num_experts must be in [1, 2^31 - 1), got {num_experts}")
     tokens, hidden = math.prod(x.shape[:-1]), x.shape[-1]
@@ -109,8 +107,8 @@ def unpermute(y_sorted, sort_map, weights):
         of them, and rows that hold no pair (or out-of-range entries) get a zero gradient.
       * under vmap each batch element is combined on its own (one kernel call for the whole batch).
     """
-    y_sorted = _check_float(y_sorted, "y_sorted")
-    weights = _check_float(weights, "weights")
+    y_sorted = checks.float_array(y_sorted, "y_sorted")
+    weights = checks.float_array(weights, "weights")
     sort_map = _check_int(sort_map, "sort_map")
     if y_sorted.ndim != 2:
         raise ValueError(f"y_sorted must have shape [T·k, H], got {y_sorted.shape}")
@@ -154,8 +152,8 @@ def grouped_matmul(lhs, rhs, group_sizes):
       * under vmap the kernel runs once per batch element (lax.map); unbatched operands are shared,
         never broadcast.
     """
-    lhs = _check_float(lhs, "lhs")
-    rhs = _check_float(rhs, "rhs")
+    lhs = checks.float_array(lhs, "lhs")
+    rhs = checks.float_array(rhs, "rhs")
     group_sizes = _check_int(group_sizes, "group_sizes")
     if lhs.ndim != 2:
         raise ValueError(f"lhs must have shape [M, K], got {lhs.shape}")
@@ -173,19 +171,6 @@ def grouped_matmul(lhs, rhs, group_sizes):
 
 
 # ------------------------------------------------------------------ checking
-def _static_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a static Python int, got {type(value).__name__}")
-    return operator.index(value)
-
-
-def _check_float(x, name: str) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    return x
-
-
 def _check_int(x, name: str) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from . import aux_loss as _aux
-from ._ffi import (TokenParallel, batch_size, kernel_primitive, move_batch_to_front, reduced_aval,
-                   token_aval)
+from . import _checks as checks
+from .aux_loss import loss_coefficient
+from ._ffi import (TokenParallel, batch_as_tokens, batch_per_call, batch_size, kernel_primitive,
+                   move_batch_to_front, reduced_aval, token_aval)
 
-_SCORE_FUNCTIONS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # values of ScoreFunction in moe_math.h
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 class Routing(NamedTuple):
@@ -129,18 +126,13 @@ def route_with_aux_loss(
         num_experts, topk, score_function, num_groups, group_topk, group_score_topn,
         use_pre_softmax, renormalize, topk_reduce_func, scaling_factor,
     )
-    aux_topk = config.topk if aux_topk is None else _static_int(aux_topk, "aux_topk")
-    if not 1 <= aux_topk <= num_experts:
-        raise ValueError(f"aux_topk must be in [1, num_experts={num_experts}], got {aux_topk}")
+    aux_topk = config.topk if aux_topk is None else checks.topk_in_range(aux_topk, num_experts, "aux_topk")
     aux_score_function = score_function if aux_score_function is None else aux_score_function
-    if aux_score_function not in _SCORE_FUNCTIONS:
-        raise ValueError(f"aux_score_function must be one of {sorted(_SCORE_FUNCTIONS)}, "
-                         f"got {aux_score_function!r}")
-    axes = _aux._axis_names(axis_name)
-    tokens = _aux._total_tokens(None, math.prod(logits.shape[:-1]), axes)
-    aux = AuxConfig(aux_topk, _SCORE_FUNCTIONS[aux_score_function],
-                    _aux.loss_coefficient(num_experts, _aux._static_float(aux_coeff, "aux_coeff"), aux_topk, tokens),
-                    axes)
+    aux_score_id = checks.score_function(aux_score_function, "aux_score_function")
+    axes = checks.axis_names(axis_name)
+    tokens = checks.total_tokens(None, math.prod(logits.shape[:-1]), axes)
+    c_coeff = loss_coefficient(num_experts, checks.static_float(aux_coeff, "aux_coeff"), aux_topk, tokens)
+    aux = AuxConfig(aux_topk, aux_score_id, c_coeff, axes)
     if topk_reduce_func is None:
         weights, indices, loss = _route_aux(logits, bias, config, aux)
         return Routing(weights, indices), loss
@@ -193,16 +185,8 @@ def _aux_blocks(num_experts: int) -> int:
     return min(1024, max(32, 2**19 // num_experts))
 
 
-def _static_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a static Python int, got {type(value).__name__}")
-    return operator.index(value)
-
-
 def _check_logits(logits) -> jax.Array:
-    logits = jnp.asarray(logits)
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    logits = checks.float_array(logits, "logits")
     if logits.ndim < 1:
         raise ValueError("logits must have shape [..., num_experts], got a scalar")
     return logits
@@ -211,9 +195,7 @@ def _check_logits(logits) -> jax.Array:
 def _check_bias(expert_bias, num_experts: int) -> jax.Array:
     if expert_bias is None:
         return jnp.zeros((0,), jnp.float32)
-    bias = jnp.asarray(expert_bias)
-    if bias.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"expert_bias must be float32, bfloat16 or float16, got {bias.dtype}")
+    bias = checks.float_array(expert_bias, "expert_bias")
     if bias.shape != (num_experts,):
         raise ValueError(f"expert_bias must have shape ({num_experts},), got {bias.shape}")
     return bias
@@ -221,15 +203,11 @@ def _check_bias(expert_bias, num_experts: int) -> jax.Array:
 
 def _route_config(num_experts, topk, score_function, num_groups, group_topk, group_score_topn,
                   use_pre_softmax, renormalize, topk_reduce_func, scaling_factor) -> RouteConfig:
-    topk = _static_int(topk, "topk")
-    if not 1 <= topk <= num_experts:
-        raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
-    if score_function not in _SCORE_FUNCTIONS:
-        raise ValueError(f"score_function must be one of {sorted(_SCORE_FUNCTIONS)}, got {score_function!r}")
+    topk = checks.topk_in_range(topk, num_experts)
+    score_function_id = checks.score_function(score_function)
     if not isinstance(use_pre_softmax, bool):
         raise TypeError("use_pre_softmax must be a static bool")
-    if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float, np.floating, np.integer)):
-        raise TypeError(f"scaling_factor must be a static Python number, got {type(scaling_factor).__name__}")
+    scaling_factor = checks.static_float(scaling_factor, "scaling_factor")
     groups = _group_config(num_experts, topk, num_groups, group_topk, group_score_topn)
     softmax_post = score_function == "softmax" and not use_pre_softmax
     if renormalize is None:
@@ -245,8 +223,7 @@ def _route_config(num_experts, topk, score_function, num_groups, group_topk, gro
         if not renormalize:
             raise ValueError("topk_reduce_func replaces the renormalisation sum, so it needs "
                              "renormalize on (it is off for softmax without use_pre_softmax and by default for k=1)")
-    return RouteConfig(topk, _SCORE_FUNCTIONS[score_function], use_pre_softmax, *groups, renormalize,
-                       float(scaling_factor))
+    return RouteConfig(topk, score_function_id, use_pre_softmax, *groups, renormalize, scaling_factor)
 
 
 def _group_config(num_experts, topk, num_groups, group_topk, group_score_topn) -> tuple[int, int, int]:
@@ -254,16 +231,16 @@ def _group_config(num_experts, topk, num_groups, group_topk, group_score_topn) -
         if group_topk is not None or group_score_topn is not None:
             raise ValueError("group_topk and group_score_topn need num_groups")
         return 0, 0, 0
-    num_groups = _static_int(num_groups, "num_groups")
+    num_groups = checks.static_int(num_groups, "num_groups")
     if num_groups < 1 or num_experts % num_groups:
         raise ValueError(f"num_groups must divide num_experts={num_experts}, got {num_groups}")
     if group_topk is None:
         raise ValueError("group_topk is required with num_groups")
-    group_topk = _static_int(group_topk, "group_topk")
+    group_topk = checks.static_int(group_topk, "group_topk")
     if not 1 <= group_topk <= num_groups:
         raise ValueError(f"group_topk must be in [1, num_groups={num_groups}], got {group_topk}")
     group_size = num_experts // num_groups
-    topn = max(1, topk // group_topk) if group_score_topn is None else _static_int(group_score_topn, "group_score_topn")
+    topn = max(1, topk // group_topk) if group_score_topn is None else checks.static_int(group_score_topn, "group_score_topn")
     if not 1 <= topn <= group_size:
         raise ValueError(f"group_score_topn must be in [1, num_experts / num_groups = {group_size}], got {topn}")
     if topk > group_topk * group_size:
@@ -350,23 +327,12 @@ def _route_fwd_batch(prim, args, dims, **params):
     return list(outs), (0, 0)
 
 
-def _per_batch(prim, args, dims, **params):
-    """vmap as a loop: each batch element is its own call (its own statistics over its tokens)."""
-    args = move_batch_to_front(args, dims, batch_size(args, dims))
-    outs = jax.lax.map(lambda a: tuple(prim.bind(*a, **params)), tuple(args))
-    return list(outs), (0,) * len(outs)
-
-
-def _tokenwise_batch(prim, args, dims, **params):
-    return prim.bind(*move_batch_to_front(args, dims, batch_size(args, dims)), **params), (0,)
-
-
 route_fwd_p = kernel_primitive("jax_moe_route_fwd", _route_fwd_abstract, _route_fwd_batch,
                                TokenParallel(replicated=(1,)))
-route_bwd_p = kernel_primitive("jax_moe_route_bwd", _route_bwd_abstract, _tokenwise_batch, TokenParallel())
+route_bwd_p = kernel_primitive("jax_moe_route_bwd", _route_bwd_abstract, batch_as_tokens, TokenParallel())
 # The fused aux statistics are sums over all tokens of a call: under vmap each batch element
 # keeps its own, so both fused primitives loop over the batch.
-route_aux_fwd_p = kernel_primitive("jax_moe_route_aux_fwd", _route_aux_fwd_abstract, _per_batch,
+route_aux_fwd_p = kernel_primitive("jax_moe_route_aux_fwd", _route_aux_fwd_abstract, batch_per_call,
                                    TokenParallel(replicated=(1,), reduced=(2, 3), scratch=(4, 5)))
-route_aux_bwd_p = kernel_primitive("jax_moe_route_aux_bwd", _route_bwd_abstract, _per_batch,
+route_aux_bwd_p = kernel_primitive("jax_moe_route_aux_bwd", _route_bwd_abstract, batch_per_call,
                                    TokenParallel(replicated=(3,)))
