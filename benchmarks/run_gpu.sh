@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build jax_moe and run its benchmarks on the GPU machine, from the repo root:
 #   JAX_MOE_COMMIT=<short hash> bash benchmarks/run_gpu.sh [BENCH ...]
-# BENCH: routing aux_loss grouped_matmul permute (default: all four; the
+# BENCH: routing aux_loss grouped_matmul permute moe_layer (default: all five; the
 # device tool allows 600 s a command, so pass a subset when the build is slow).
 # Logs go to $OUT/<bench>.log, reports to $OUT/<bench>.md (append those to
 # benchmarks/RESULTS.md: the copy written there does not come back), machine
@@ -18,9 +18,9 @@ export OUT PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 mkdir -p "$OUT"
 
 declare -A LIMIT=([routing]=300 [aux_loss]=300 [grouped_matmul]=360
-                  [permute]=120)
+                  [permute]=120 [moe_layer]=480)
 benches=("$@")
-[ ${#benches[@]} -eq 0 ] && benches=(routing aux_loss grouped_matmul permute)
+[ ${#benches[@]} -eq 0 ] && benches=(routing aux_loss grouped_matmul permute moe_layer)
 for b in "${benches[@]}"; do
   [ -n "${LIMIT[$b]}" ] || { echo "unknown benchmark '$b'"; exit 2; }
 done
