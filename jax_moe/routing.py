@@ -15,8 +15,7 @@ import jax.numpy as jnp
 
 from . import _checks as checks
 from .aux_loss import loss_coefficient
-from ._ffi import (TokenParallel, batch_as_tokens, batch_per_call, batch_size, kernel_primitive,
-                   move_batch_to_front, reduced_aval, token_aval)
+from ._ffi import TokenParallel, batch_as_tokens, batch_per_call, kernel_primitive, reduced_aval, token_aval
 
 
 
@@ -78,12 +77,8 @@ def route(
         num_experts, topk, score_function, num_groups, group_topk, group_score_topn,
         use_pre_softmax, renormalize, topk_reduce_func, scaling_factor,
     )
-    if topk_reduce_func is None:
-        return Routing(*_route(logits, bias, config))
-    # The kernel returns the un-normalised chosen values; the custom reduction is plain JAX.
-    values, indices = _route(logits, bias, config._replace(renormalize=False, scaling_factor=1.0))
-    weights = values / topk_reduce_func(values) * config.scaling_factor
-    return Routing(weights.astype(jnp.float32), indices)
+    values, indices = _route(logits, bias, _kernel_config(config, topk_reduce_func))
+    return Routing(_weights(values, config, topk_reduce_func), indices)
 
 
 def route_with_aux_loss(
@@ -133,12 +128,8 @@ def route_with_aux_loss(
     tokens = checks.total_tokens(None, math.prod(logits.shape[:-1]), axes)
     c_coeff = loss_coefficient(num_experts, checks.static_float(aux_coeff, "aux_coeff"), aux_topk, tokens)
     aux = AuxConfig(aux_topk, aux_score_id, c_coeff, axes)
-    if topk_reduce_func is None:
-        weights, indices, loss = _route_aux(logits, bias, config, aux)
-        return Routing(weights, indices), loss
-    values, indices, loss = _route_aux(logits, bias, config._replace(renormalize=False, scaling_factor=1.0), aux)
-    weights = values / topk_reduce_func(values) * config.scaling_factor
-    return Routing(weights.astype(jnp.float32), indices), loss
+    values, indices, loss = _route_aux(logits, bias, _kernel_config(config, topk_reduce_func), aux)
+    return Routing(_weights(values, config, topk_reduce_func), indices), loss
 
 
 def routing_map(indices, num_experts: int) -> jax.Array:
@@ -183,6 +174,18 @@ def _aux_blocks(num_experts: int) -> int:
     """Blocks of the fused forward kernel, hence rows of its workspaces: fixed by E alone so the
     block-ordered sums do not depend on the device, and so shards share the workspace shape."""
     return min(1024, max(32, 2**19 // num_experts))
+
+
+def _kernel_config(config: RouteConfig, topk_reduce_func) -> RouteConfig:
+    """With a topk_reduce_func the kernel returns the un-normalised chosen values instead."""
+    return config if topk_reduce_func is None else config._replace(renormalize=False, scaling_factor=1.0)
+
+
+def _weights(values, config: RouteConfig, topk_reduce_func) -> jax.Array:
+    """The kernel's weights, or its chosen values normalised by topk_reduce_func in plain JAX."""
+    if topk_reduce_func is None:
+        return values
+    return (values / topk_reduce_func(values) * config.scaling_factor).astype(jnp.float32)
 
 
 def _check_logits(logits) -> jax.Array:
@@ -322,9 +325,7 @@ def _route_fwd_batch(prim, args, dims, **params):
     if bias_dim is None:  # vmap marks unbatched operands with None
         # Leading dims are tokens to the kernel: the batch is just more tokens.
         return prim.bind(jnp.moveaxis(logits, logits_dim, 0), bias, **params), (0, 0)
-    logits, bias = move_batch_to_front(args, dims, batch_size(args, dims))
-    outs = jax.lax.map(lambda lb: tuple(prim.bind(*lb, **params)), (logits, bias))
-    return list(outs), (0, 0)
+    return batch_per_call(prim, args, dims, **params)
 
 
 route_fwd_p = kernel_primitive("jax_moe_route_fwd", _route_fwd_abstract, _route_fwd_batch,

@@ -424,7 +424,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_token_thread<In, V, kAux>(c, aux.cfg, x + t * c.num_experts, sbias, colsum, counts, w + t * c.topk,
                                     idx + t * c.topk);
   if constexpr (kAux) {
-    // Stored transposed ([expert][thread]) so that store_block_aux adds the threads in order.
+    // Stored expert-major ([expert][thread]) so that each thread below adds one expert's column
+    // sums over the block's threads in thread order.
 #pragma unroll
     for (int i = 0; i < V; ++i) partial[i * kThreads + threadIdx.x] = colsum[i];
     __syncthreads();
