@@ -12,15 +12,15 @@ GPU); dropped token-expert pairs are counted and reported.
 Per D: one jit(value_and_grad) step of sum(out · cot) + aux with respect to x
 and every parameter.
 - check: the EP step's output, aux loss and gradients against the same layer
-  (same weights, no expert_axis) on one GPU: max |EP - single| / max |single|
-  over each tensor, the worst tensor reported (bf16 sums run in another
-  order, so about 1e-2 is expected).
+  (same weights, no expert_axis) on one GPU: ||EP - single|| / ||single||
+  for each tensor, the worst tensor reported (bf16, sums in another order).
 - step time: wall clock per step over back-to-back steps (the whole step on
   every GPU; multi-GPU steps are several ms, far above dispatch cost).
 - tokens/s per GPU = 4096 / step time.
 - all-to-all: CUPTI durations of the NCCL kernels per step and GPU (they
   include waiting for the slowest peer), and their share of the GPU's kernel
-  time.
+  time. NCCL kernels can overlap compute kernels, so the kernel time may
+  exceed the step time and the share is an upper bound.
 
     python3 benchmarks/ep_scaling.py      # JAX_MOE_BENCH_SMOKE=1 for CPU
     XLA_FLAGS=--xla_force_host_platform_device_count=4  (CPU smoke run)
@@ -84,14 +84,20 @@ def place(flax_mod, state, mesh):
 
 
 def worst_rel_err(got, want):
-    """max over tensors of max |got - want| / max |want|, computed on want's device."""
+    """max over tensors of ||got - want|| / ||want|| (Frobenius), computed on want's device.
+
+    A norm, not a max: the router's float32 logits come from matmuls of another shape on one
+    GPU, so a near-tie may pick another expert for a token, which moves that token's output and
+    its gradients by O(1) while the norm barely changes.
+    """
     worst = 0.0
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         if not jnp.issubdtype(w.dtype, jnp.floating):
             continue
         g = jax.device_put(g, list(w.devices())[0]).astype(F32)
-        scale = float(jnp.max(jnp.abs(w.astype(F32)))) or 1.0
-        worst = max(worst, float(jnp.max(jnp.abs(g - w.astype(F32)))) / scale)
+        w = w.astype(F32)
+        norm = float(jnp.linalg.norm(w.ravel())) or 1.0
+        worst = max(worst, float(jnp.linalg.norm((g - w).ravel())) / norm)
     return worst
 
 
@@ -158,7 +164,7 @@ def table(recs):
              f"{r['dropped']}/{r['pairs']}", f"{r['err']:.1e}"] for r in recs]
     return common.md_table(["GPUs", "experts", "tokens", "step ms", "tokens/s per GPU", "vs 1 GPU",
                             "all-to-all ms / GPU", "kernel ms / GPU", "all-to-all %", "dropped pairs",
-                            "max rel err vs 1 GPU"], rows)
+                            "rel err vs 1 GPU"], rows)
 
 
 def main():

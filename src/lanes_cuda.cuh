@@ -45,4 +45,53 @@ struct GroupLanes {
 // A whole warp: {lane, kFullMask}.
 using WarpLanes = GroupLanes<32>;
 
+#ifdef __CUDACC__
+// The S lanes (a power of two) of one segment of a warp. The warp's 32 / S segments run in lock
+// step, each on its own data, so every shuffle names the full warp and stays inside its segment.
+template <int S>
+struct SegmentLanes {
+  int lane;  // in the warp
+  int sl;    // in the segment
+
+  __device__ explicit SegmentLanes(int warp_lane) : lane(warp_lane), sl(warp_lane & (S - 1)) {}
+  __device__ int segment() const { return lane / S; }
+  __device__ int base() const { return lane - sl; }
+
+  template <class T>
+  __device__ T shfl(T v, int seg_lane) const { return __shfl_sync(kFullMask, v, base() + seg_lane); }
+  __device__ uint32_t max(uint32_t v) const {
+    for (int off = S / 2; off; off >>= 1) v = ::max(v, __shfl_xor_sync(kFullMask, v, off));
+    return v;
+  }
+  __device__ float fmax(float v) const {
+    for (int off = S / 2; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
+    return v;
+  }
+  __device__ float sum(float v) const {
+    for (int off = S / 2; off; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+    return v;
+  }
+  __device__ int exclusive_sum(int v) const {
+    int inclusive = v;
+    for (int off = 1; off < S; off <<= 1) {
+      const int up = __shfl_up_sync(kFullMask, inclusive, off, S);
+      if (sl >= off) inclusive += up;
+    }
+    return inclusive - v;
+  }
+  // The lowest lane of the segment where pred holds, or S if none.
+  __device__ int first(bool pred) const {
+    const unsigned mine = (__ballot_sync(kFullMask, pred) >> base()) & (S == 32 ? kFullMask : (1u << S) - 1u);
+    return mine ? __ffs(mine) - 1 : S;
+  }
+  __device__ Cand best(Cand c) const {
+    for (int off = S / 2; off; off >>= 1) {
+      const Cand o{__shfl_xor_sync(kFullMask, c.key, off), __shfl_xor_sync(kFullMask, c.idx, off)};
+      if (before(o, c)) c = o;
+    }
+    return c;
+  }
+};
+#endif
+
 }  // namespace jax_moe

@@ -158,10 +158,9 @@ constexpr uint32_t kExcluded = 0;
 constexpr uint32_t kNanKey = 1;
 
 MOE_HD uint32_t rank_key(float v) {
-  if (v != v) return kNanKey;
-  uint32_t u = float_bits(v);
-  if (u == 0x80000000u) u = 0;  // -0.0 ties with +0.0
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const uint32_t u = float_bits(v + 0.0f);                         // -0.0 + 0.0 = +0.0: they tie
+  const uint32_t flip = uint32_t(int32_t(u) >> 31) | 0x80000000u;  // negative: every bit, else the sign
+  return v != v ? kNanKey : u ^ flip;                              // branch-free: kernels call it per expert
 }
 
 MOE_HD float key_value(uint32_t key) {

@@ -2,9 +2,9 @@
 //
 // Forward: one launch, nothing [T, E] written. Three paths:
 //  * thread per token for E <= 32 without groups (a whole row in one thread's registers);
-//  * warp per token for E <= 1024, topk <= 32 and groups that map onto whole power-of-two lane
-//    segments (DeepSeek-V3: 8 groups of 32 experts = 4 lanes of 8); lane l holds experts
-//    [l*V, l*V+V) in registers, so ties break towards the lower lane;
+//  * a segment of 8 (E <= 256) or 32 lanes per token for E <= 1024, topk <= 32 and groups that
+//    are runs of whole lanes (DeepSeek-V3: 8 lanes of 32 experts, one group each); a warp routes
+//    32 / S tokens at once, every lane holding V experts in registers;
 //  * otherwise the shared row algorithm of routing_row.h, a warp per token on shared memory.
 // The fused aux variant also accumulates clean-score column sums and top-k counts per block into a
 // workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
@@ -24,8 +24,6 @@ namespace jax_moe {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-constexpr int kMaxFastV = 32;     // experts per lane in registers: E <= 1024
-constexpr int kMaxFastTopk = 32;  // one chosen expert per lane
 
 // Where the fused aux variant of a forward kernel leaves its per-block partial statistics.
 struct AuxArgs {
@@ -34,276 +32,364 @@ struct AuxArgs {
   int32_t* ws_counts;  // [gridDim.x, E]
 };
 
-// ------------------------------------------------------------------ fast path
-// Loads this lane's V logits as float; 16-byte loads when whole rows are lane-aligned.
-template <class In, int V>
-__device__ void load_lane(const typename In::storage* row, int lane, int E, float (&xv)[V]) {
-  using S = typename In::storage;
-  constexpr int kBytes = V * int(sizeof(S));
-  const int e0 = lane * V;
+// ---------------------------------------------------------------- segment path
+// A segment of S lanes routes one token, so a warp routes 32 / S tokens at once; lane l of a
+// segment holds experts [l*V, l*V + V) in registers. Segments past the last token route a copy of
+// it and write nothing, so that every lane takes part in every shuffle. Per token:
+//  1. ranking keys in registers, and in shared memory for step 4;
+//  2. groups (runs of lpg lanes) keep their experts only if among the group_topk best;
+//  3. tau = the k-th largest of the segment's kChunks * S chunk maxima: at least k keys reach it,
+//     and usually few more;
+//  4. the keys >= tau (at most 32, else the exact fallback) are ranked against each other.
+// That is O(V) work per lane and O(k log S) shuffles per token, where k rounds of arg-max over the
+// row would take O(k V).
+constexpr int kChunks = 4;    // chunk maxima per lane
+constexpr int kMaxSegmentTopk = 32;
+
+// Per-warp shared memory of the segment path. After the last token, the aux variant keeps each
+// segment's clean-score column sums where the keys were.
+template <int S, int V>
+struct SegmentScratch {
+  union {
+    uint32_t key[32 / S][S * V];
+    float colsum[32 / S][S * V];
+  };
+  Cand cand[32 / S][kMaxSegmentTopk];
+  int32_t pick[32 / S][kMaxSegmentTopk];  // expert of rank j
+};
+
+// What a token's selection ranks before adding the bias: the logit (softmax after top-k), or a score.
+enum class Carry { kLogit, kSigmoid, kSqrtSoftplus, kSoftmax };
+
+__device__ Carry score_carry(ScoreFunction f) {
+  return f == ScoreFunction::kSoftmax ? Carry::kSoftmax
+         : f == ScoreFunction::kSigmoid ? Carry::kSigmoid
+                                        : Carry::kSqrtSoftplus;
+}
+
+__device__ Carry route_carry(const RouteConfig& c) {
+  return c.softmax_post() ? Carry::kLogit : score_carry(c.score_function);
+}
+
+// The carried value of logit x; softmax needs the row maximum and 1 / Σ exp(x - max).
+template <Carry K>
+__device__ float carried(float x, float mx, float inv_sum) {
+  if constexpr (K == Carry::kLogit) return x;
+  else if constexpr (K == Carry::kSigmoid) return sigmoid(x);
+  else if constexpr (K == Carry::kSqrtSoftplus) return sqrtf(softplus(x));
+  else return expf(x - mx) * inv_sum;
+}
+
+// Calls f.template operator()<K>() for the runtime k: one branch per token, none per expert.
+template <class F>
+__device__ void with_carry(Carry k, F&& f) {
+  switch (k) {
+    case Carry::kLogit: f.template operator()<Carry::kLogit>(); break;
+    case Carry::kSigmoid: f.template operator()<Carry::kSigmoid>(); break;
+    case Carry::kSqrtSoftplus: f.template operator()<Carry::kSqrtSoftplus>(); break;
+    default: f.template operator()<Carry::kSoftmax>(); break;
+  }
+}
+
+template <int V>
+__device__ void carried_row(Carry k, const float (&x)[V], float mx, float inv_sum, float (&out)[V]) {
+  with_carry(k, [&]<Carry K>() {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = carried<K>(x[i], mx, inv_sum);
+  });
+}
+
+// This lane's V logits as float, -inf past the row's end (which every score maps to 0).
+template <class In, int S, int V>
+__device__ void load_segment_row(const SegmentLanes<S>& g, const typename In::storage* row, int E, float (&x)[V]) {
+  using St = typename In::storage;
+  constexpr int kBytes = V * int(sizeof(St));
+  const int e0 = g.sl * V;
   if constexpr (kBytes % 16 == 0) {
-    if (E == 32 * V) {  // then every row starts 16-byte aligned
-      alignas(16) S buf[V];
+    if (E == S * V) {  // then every row starts 16-byte aligned
+      alignas(16) St buf[V];
 #pragma unroll
       for (int c = 0; c < kBytes / 16; ++c)
         reinterpret_cast<uint4*>(buf)[c] = __ldg(reinterpret_cast<const uint4*>(row + e0) + c);
 #pragma unroll
-      for (int i = 0; i < V; ++i) xv[i] = In::to_float(buf[i]);
+      for (int i = 0; i < V; ++i) x[i] = In::to_float(buf[i]);
       return;
     }
   }
 #pragma unroll
-  for (int i = 0; i < V; ++i) xv[i] = e0 + i < E ? In::to_float(row[e0 + i]) : 0.0f;
+  for (int i = 0; i < V; ++i) x[i] = e0 + i < E ? In::to_float(row[e0 + i]) : -INFINITY;
 }
 
-// Group selection when each group is a segment of `lpg` lanes (a power of two). Each lane's keys
-// all belong to group lane / lpg. Drops the keys of groups outside the group_topk best.
-template <int V>
-__device__ void keep_best_groups_fast(const RouteConfig& c, uint32_t (&key)[V], int lane, int lpg) {
-  const int seg = lane & ~(lpg - 1);
-  const unsigned seg_mask = lpg == 32 ? kFullMask : ((1u << lpg) - 1u) << seg;
-  uint32_t taken = 0;  // bit i: key[i] already counted in the group score
-  float total = 0.0f;
-  for (int r = 0; r < c.group_score_topn; ++r) {
-    uint32_t bk = kExcluded;
-    int bi = 0;
-#pragma unroll
-    for (int i = 0; i < V; ++i)
-      if (!((taken >> i) & 1u) && key[i] > bk) bk = key[i], bi = i;
-    uint32_t m = bk;
-    for (int off = 1; off < lpg; off <<= 1) m = max(m, __shfl_xor_sync(kFullMask, m, off));
-    const unsigned holders = __ballot_sync(kFullMask, bk == m) & seg_mask;
-    if (lane == __ffs(holders) - 1) taken |= 1u << bi;  // the lowest lane holds the lowest index
-    total += key_value(m);
-  }
-  // One candidate per real group, held by the segment's first lane.
-  uint32_t cand = (lane == seg && lane / lpg < c.num_groups) ? rank_key(total) : kExcluded;
-  bool keep = false;
-  for (int p = 0; p < c.group_topk; ++p) {
-    const uint32_t m = __reduce_max_sync(kFullMask, cand);
-    const int winner = __ffs(__ballot_sync(kFullMask, cand == m)) - 1;
-    if (lane == winner) cand = kExcluded;
-    keep |= seg == winner;
-  }
-  if (!keep)
-#pragma unroll
-    for (int i = 0; i < V; ++i) key[i] = kExcluded;
-}
-
-// Per-warp shared memory of the fast path: the candidates of the top-k and the picks.
-struct FastScratch {
-  uint32_t key[32];
-  int32_t expert[32];
-  float val[32];
-};
-
-// The k best of the warp's keys when at most 32 experts can be among them; false otherwise.
-// A key can only make the top k if it is >= tau, the k-th largest of the 32 lane maxima (at least
-// k keys reach tau). Those few candidates are ranked against each other with shuffles, which
-// costs O(V + candidates) per lane instead of the O(k * V) of k rounds of arg-max.
-template <int V>
-__device__ bool topk_by_candidates(int k, const uint32_t (&key)[V], const float (&val)[V], int lane,
-                                   FastScratch& s, int* my_e, float* my_v) {
-  const int e0 = lane * V;
-  uint32_t lane_max = kExcluded;
-#pragma unroll
-  for (int i = 0; i < V; ++i) lane_max = max(lane_max, key[i]);
-  uint32_t tau = kExcluded, m = lane_max;
-  for (int p = 0; p < k; ++p) {
-    tau = __reduce_max_sync(kFullMask, m);
-    if (lane == __ffs(__ballot_sync(kFullMask, m == tau)) - 1) m = kExcluded;
-  }
-  tau = max(tau, kExcluded + 1);  // never admit excluded experts
-  int count = 0;
-#pragma unroll
-  for (int i = 0; i < V; ++i) count += key[i] >= tau;
-  const int total = int(__reduce_add_sync(kFullMask, unsigned(count)));
-  if (total > 32) return false;  // many ties at tau: let the caller take the exact slow route
-
-  int slot = count;  // inclusive prefix sum of the counts, then exclusive
-  for (int off = 1; off < 32; off <<= 1) {
-    const int up = __shfl_up_sync(kFullMask, slot, off);
-    if (lane >= off) slot += up;
-  }
-  slot -= count;
+template <int S, int V>
+__device__ void exclude_padding(const SegmentLanes<S>& g, int E, uint32_t (&key)[V]) {
+  if (E == S * V) return;
 #pragma unroll
   for (int i = 0; i < V; ++i)
-    if (key[i] >= tau) s.key[slot] = key[i], s.expert[slot] = e0 + i, s.val[slot] = val[i], ++slot;
-  __syncwarp();
-  const bool holds = lane < total;
-  const uint32_t ck = holds ? s.key[lane] : kExcluded;
-  const int32_t ce = holds ? s.expert[lane] : INT32_MAX;
-  const float cv = holds ? s.val[lane] : 0.0f;
-  int rank = 0;
-  for (int q = 0; q < total; ++q)
-    rank += ranks_before(__shfl_sync(kFullMask, ck, q), __shfl_sync(kFullMask, ce, q), ck, ce);
-  __syncwarp();
-  if (holds && rank < k) s.expert[rank] = ce, s.val[rank] = cv;
-  __syncwarp();
-  if (lane < k) *my_e = s.expert[lane], *my_v = s.val[lane];
-  __syncwarp();  // the scratch is reused by the next call
-  return true;
+    if (g.sl * V + i >= E) key[i] = kExcluded;
 }
 
-// The k best keys by k rounds of warp arg-max: exact whatever the ties.
-template <int V>
-__device__ void topk_by_rounds(int k, uint32_t (&key)[V], const float (&val)[V], int lane, int* my_e, float* my_v) {
-  const int e0 = lane * V;
-  for (int j = 0; j < k; ++j) {
-    uint32_t bk = kExcluded;
-    int bi = 0;
-    float bv = 0.0f;
+__device__ void sort4_descending(uint32_t (&a)[4]) {
+  const auto order = [&](int i, int j) {
+    const uint32_t hi = max(a[i], a[j]), lo = min(a[i], a[j]);
+    a[i] = hi;
+    a[j] = lo;
+  };
+  order(0, 1), order(2, 3), order(0, 2), order(1, 3), order(1, 2);
+}
+
+// The k-th largest of the segment's chunk maxima, at least 1 (excluded keys never qualify).
+template <int S, int V>
+__device__ uint32_t candidate_threshold(const SegmentLanes<S>& g, int k, const uint32_t (&key)[V], bool alive) {
+  constexpr int Q = V / kChunks;
+  uint32_t head[kChunks];  // this lane's chunk maxima, largest first; taken ones shift out
 #pragma unroll
-    for (int i = 0; i < V; ++i)
-      if (key[i] > bk) bk = key[i], bi = i, bv = val[i];
-    const uint32_t m = __reduce_max_sync(kFullMask, bk);
-    const int winner = __ffs(__ballot_sync(kFullMask, bk == m)) - 1;
+  for (int c = 0; c < kChunks; ++c) {
+    uint32_t m = kExcluded;
 #pragma unroll
-    for (int i = 0; i < V; ++i)
-      if (lane == winner && i == bi) key[i] = kExcluded;
-    const int e = __shfl_sync(kFullMask, e0 + bi, winner);
-    const float v = __shfl_sync(kFullMask, bv, winner);
-    if (lane == j) *my_e = e, *my_v = v;
+    for (int q = 0; q < Q; ++q) m = max(m, key[c * Q + q]);
+    head[c] = alive ? m : kExcluded;
   }
+  sort4_descending(head);
+  uint32_t tau = kExcluded;
+  for (int r = 0; r < k; ++r) {
+    tau = g.max(head[0]);
+    if (g.sl == g.first(head[0] == tau)) head[0] = head[1], head[1] = head[2], head[2] = head[3], head[3] = kExcluded;
+  }
+  return max(tau, kExcluded + 1);
 }
 
-// Lane j < k gets the j-th best key's expert and value.
-template <int V>
-__device__ void warp_topk(int k, uint32_t (&key)[V], const float (&val)[V], int lane, FastScratch& s, int* my_e,
-                          float* my_v) {
-  if (!topk_by_candidates<V>(k, key, val, lane, s, my_e, my_v)) topk_by_rounds<V>(k, key, val, lane, my_e, my_v);
+// k rounds of segment arg-max: exact whatever the ties, for warps where some token has more than
+// kMaxSegmentTopk candidates.
+template <int S, int V>
+__device__ void topk_by_rounds(const SegmentLanes<S>& g, int k, const uint32_t (&key)[V], bool alive, int32_t* pick) {
+  __syncwarp();  // pick may still be read for the previous token
+  Cand bound = start_bound();
+  for (int j = 0; j < k; ++j) {
+    Cand best = no_cand();
+    if (alive)
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const Cand c{key[i], g.sl * V + i};
+        if (c.key != kExcluded && before(bound, c) && before(c, best)) best = c;
+      }
+    bound = g.best(best);
+    if (g.sl == 0) pick[j] = bound.idx;
+  }
+  __syncwarp();
 }
 
-// Fused aux statistics of one token on the warp path: clean scores into this lane's column sums,
-// the top-k experts by clean score into the block's shared-memory histogram.
-template <int V>
-__device__ void aux_token_fast(const AuxConfig& a, const float (&xv)[V], int lane, int E, float (&colsum)[V],
-                               int* counts, FastScratch& scratch) {
-  const WarpLanes L{lane, kFullMask};
-  const int e0 = lane * V;
-  const bool softmax = a.score_function == ScoreFunction::kSoftmax;
+// Writes the experts of the segment's k best keys, in rank order, to s.pick[segment][0, k).
+// alive = false: this lane's keys do not take part (their group was dropped).
+template <int S, int V>
+__device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&key)[V], bool alive,
+                             SegmentScratch<S, V>& s) {
+  const int seg = g.segment(), e0 = g.sl * V;
+  uint32_t* skey = s.key[seg] + e0;  // this lane's keys, read back by index below
+#pragma unroll
+  for (int c = 0; c < V / 4; ++c)
+    reinterpret_cast<uint4*>(skey)[c] = make_uint4(key[4 * c], key[4 * c + 1], key[4 * c + 2], key[4 * c + 3]);
+  const uint32_t tau = candidate_threshold<S, V>(g, k, key, alive);
+  uint32_t mask = 0;
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+    if (alive && key[i] >= tau) mask |= 1u << i;
+  const int count = __popc(mask), first = g.exclusive_sum(count);
+  const int total = g.shfl(first + count, S - 1);
+  if (__any_sync(kFullMask, total > kMaxSegmentTopk)) return topk_by_rounds<S, V>(g, k, key, alive, s.pick[seg]);
+
+  Cand* cand = s.cand[seg];
+  for (int slot = first; mask; mask &= mask - 1, ++slot) {
+    const int i = __ffs(mask) - 1;
+    cand[slot] = Cand{skey[i], e0 + i};
+  }
+  __syncwarp();
+  for (int q = g.sl; q < total; q += S) {
+    const Cand c = cand[q];
+    int rank = 0;
+    for (int o = 0; o < total; ++o) rank += before(cand[o], c);
+    if (rank < k) s.pick[seg][rank] = c.idx;
+  }
+  __syncwarp();
+}
+
+// Whether this lane's group is among the group_topk best (SPEC §1 step 3). Groups are runs of lpg
+// lanes, scored by the sum of their group_score_topn (1 or 2) best keys' values.
+template <int S, int V>
+__device__ bool group_kept(const SegmentLanes<S>& g, const RouteConfig& c, int lpg, const uint32_t (&key)[V]) {
+  uint32_t t1 = kExcluded, t2 = kExcluded;  // this lane's two best keys
+#pragma unroll
+  for (int i = 0; i < V; ++i) t2 = max(t2, min(t1, key[i])), t1 = max(t1, key[i]);
+  for (int off = 1; off < lpg; off <<= 1) {  // merge the group's lanes
+    const uint32_t o1 = __shfl_xor_sync(kFullMask, t1, off), o2 = __shfl_xor_sync(kFullMask, t2, off);
+    t2 = max(min(t1, o1), max(t2, o2));
+    t1 = max(t1, o1);
+  }
+  const float total = c.group_score_topn == 1 ? key_value(t1) : key_value(t1) + key_value(t2);
+  const uint32_t mine = rank_key(total);
+  const int groups = S / lpg, group = g.sl / lpg;
+  int rank = 0;
+  for (int o = 1; o < groups; ++o) {
+    const int other = (group + o) & (groups - 1);
+    rank += ranks_before(g.shfl(mine, other * lpg), other, mine, group);
+  }
+  return rank < c.group_topk;
+}
+
+// Fused aux statistics of one token: clean scores into this lane's column sums, its top-k experts
+// by clean score into the block's histogram.
+template <int S, int V>
+__device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, const float (&x)[V], int E,
+                                  bool valid, SegmentScratch<S, V>& s, float (&colsum)[V], int* counts) {
+  const Carry k = score_carry(a.score_function);
   float mx = 0.0f;
-  if (softmax) {
+  if (k == Carry::kSoftmax) {
     float m = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < V; ++i)
-      if (e0 + i < E) m = fmaxf(m, xv[i]);
-    mx = L.max(m);
+    for (int i = 0; i < V; ++i) m = fmaxf(m, x[i]);
+    mx = g.fmax(m);
   }
   float num[V], total = 0.0f;
+  carried_row<V>(k, x, mx, 1.0f, num);
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    num[i] = e0 + i < E ? (softmax ? expf(xv[i] - mx) : elementwise_score(a.score_function, xv[i])) : 0.0f;
-    total += num[i];
-  }
-  const float denom = softmax ? L.sum(total) : L.sum(total) + kEps;  // as CleanStats
+  for (int i = 0; i < V; ++i) total += num[i];
+  const float denom = k == Carry::kSoftmax ? g.sum(total) : g.sum(total) + kEps;  // as CleanStats
   uint32_t key[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const float s = num[i] / denom;
-    if (e0 + i < E) colsum[i] += s;
-    key[i] = e0 + i < E ? rank_key(s) : kExcluded;
+    const float score = num[i] / denom;
+    if (valid) colsum[i] += score;
+    key[i] = rank_key(score);
   }
-  int e = 0;
-  float unused = 0.0f;
-  warp_topk<V>(int(a.topk), key, num, lane, scratch, &e, &unused);
-  if (lane < a.topk) atomicAdd(&counts[e], 1);  // integer counts: order does not matter
+  exclude_padding<S, V>(g, E, key);
+  segment_topk<S, V>(g, int(a.topk), key, true, s);
+  if (valid)
+    for (int j = g.sl; j < a.topk; j += S) atomicAdd(&counts[s.pick[g.segment()][j]], 1);  // order-free
+  __syncwarp();  // the routing selection reuses pick
 }
 
-template <class In, int V, bool kAux>
-__device__ void route_token_fast(const RouteConfig& c, const AuxConfig& a, const typename In::storage* row,
-                                 const float* sbias, int lane, int lpg, FastScratch& scratch, float (&colsum)[V],
-                                 int* counts, float* w_out, int32_t* idx_out) {
-  const int E = int(c.num_experts), e0 = lane * V;
-  const WarpLanes L{lane, kFullMask};
-  float xv[V];
-  load_lane<In, V>(row, lane, E, xv);
-  if constexpr (kAux) aux_token_fast<V>(a, xv, lane, E, colsum, counts, scratch);
-
-  const bool softmax = c.score_function == ScoreFunction::kSoftmax;
-  float mx = 0.0f, inv_sum = 1.0f;
-  if (softmax) {
+// Weights of the chosen experts from their logits, written by the segment's lanes in rank order.
+template <class In, int S>
+__device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Carry k,
+                              const typename In::storage* row, float mx, float inv_sum, const int32_t* pick,
+                              bool valid, float* w_out, int32_t* idx_out) {
+  constexpr int P = kMaxSegmentTopk / S;  // picks per lane
+  const int topk = int(c.topk);
+  int e[P];
+  float v[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int j = g.sl + p * S;
+    e[p] = j < topk ? pick[j] : 0;
+    v[p] = 0.0f;
+    if (j < topk) with_carry(k, [&]<Carry K>() { v[p] = carried<K>(In::to_float(row[e[p]]), mx, inv_sum); });
+  }
+  float w[P], total = 0.0f;
+  if (c.softmax_post()) {
     float m = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < V; ++i)
-      if (e0 + i < E) m = fmaxf(m, xv[i]);
-    mx = L.max(m);
-    float s = 0.0f;
+    for (int p = 0; p < P; ++p)
+      if (g.sl + p * S < topk) m = fmaxf(m, v[p]);
+    m = g.fmax(m);
 #pragma unroll
-    for (int i = 0; i < V; ++i)
-      if (e0 + i < E) s += expf(xv[i] - mx);
-    inv_sum = 1.0f / L.sum(s);
-  }
-  uint32_t key[V];
-  float val[V];
+    for (int p = 0; p < P; ++p) total += (w[p] = g.sl + p * S < topk ? expf(v[p] - m) : 0.0f);
+    total = g.sum(total);
+  } else {
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const int e = e0 + i;
-    const float s = softmax ? expf(xv[i] - mx) * inv_sum : elementwise_score(c.score_function, xv[i]);
-    val[i] = carried_value(c, xv[i], s);
-    key[i] = e < E ? rank_key(val[i] + sbias[e]) : kExcluded;
+    for (int p = 0; p < P; ++p) total += (w[p] = v[p]);
+    total = c.renormalize ? g.sum(total) + kEps : 1.0f;
   }
-  if (lpg > 0) keep_best_groups_fast<V>(c, key, lane, lpg);
-
-  int my_e = 0;  // lane j holds the j-th pick
-  float my_v = 0.0f;
-  warp_topk<V>(int(c.topk), key, val, lane, scratch, &my_e, &my_v);
-
-  const bool mine = lane < c.topk;
-  float w = my_v;
-  if (c.softmax_post()) {
-    const float m = L.max(mine ? my_v : -INFINITY);
-    const float q = mine ? expf(my_v - m) : 0.0f;
-    w = q / L.sum(q);
-  } else if (c.renormalize) {
-    w = my_v / (L.sum(mine ? my_v : 0.0f) + kEps);
-  }
-  if (mine) {
-    w_out[lane] = w * c.scaling_factor;
-    idx_out[lane] = my_e;
+  if (!valid) return;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int j = g.sl + p * S;
+    if (j < topk) w_out[j] = w[p] / total * c.scaling_factor, idx_out[j] = e[p];
   }
 }
 
-// Writes the block's partial aux statistics: partial[w][e] are the column sums of warp (or thread)
-// w, added in w order so the result depends on the launch shape alone.
-__device__ void store_block_aux(const AuxArgs& aux, int E, const float* partial, int nparts, const int* counts) {
-  __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    float acc = 0.0f;
-    for (int w = 0; w < nparts; ++w) acc += partial[w * E + e];
-    aux.ws_colsum[int64_t(blockIdx.x) * E + e] = acc;
-    aux.ws_counts[int64_t(blockIdx.x) * E + e] = counts[e];
-  }
-}
-
-// Dynamic shared memory of the warp path: bias [E], then for the aux variant counts [E] and the
-// warps' column sums [kWarpsPerBlock, E].
-template <class In, int V, bool kAux>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    route_fast_kernel(RouteConfig c, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T, int lpg,
-                      float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
-  extern __shared__ float smem[];
-  __shared__ FastScratch scratch[kWarpsPerBlock];
+template <class In, int S, int V, bool kAux>
+__device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig& c, const AuxConfig& a, int lpg,
+                                    const typename In::storage* row, bool valid, const float* bias,
+                                    SegmentScratch<S, V>& s, float (&colsum)[V], int* counts, float* w_out,
+                                    int32_t* idx_out) {
   const int E = int(c.num_experts);
+  float x[V];
+  load_segment_row<In, S, V>(g, row, E, x);
+  if constexpr (kAux) aux_token_segment<S, V>(g, a, x, E, valid, s, colsum, counts);
+
+  const Carry k = route_carry(c);
+  float mx = 0.0f, inv_sum = 1.0f;
+  if (k == Carry::kSoftmax) {
+    float m = -INFINITY, sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) m = fmaxf(m, x[i]);
+    mx = g.fmax(m);
+#pragma unroll
+    for (int i = 0; i < V; ++i) sum += expf(x[i] - mx);
+    inv_sum = 1.0f / g.sum(sum);
+  }
+  float val[V];
+  carried_row<V>(k, x, mx, inv_sum, val);
+  uint32_t key[V];
+#pragma unroll
+  for (int c4 = 0; c4 < V / 4; ++c4) {
+    const float4 b = reinterpret_cast<const float4*>(bias)[c4];
+    key[4 * c4] = rank_key(val[4 * c4] + b.x);
+    key[4 * c4 + 1] = rank_key(val[4 * c4 + 1] + b.y);
+    key[4 * c4 + 2] = rank_key(val[4 * c4 + 2] + b.z);
+    key[4 * c4 + 3] = rank_key(val[4 * c4 + 3] + b.w);
+  }
+  exclude_padding<S, V>(g, E, key);
+  const bool alive = lpg == 0 || group_kept<S, V>(g, c, lpg, key);
+  segment_topk<S, V>(g, int(c.topk), key, alive, s);
+  write_routing<In, S>(g, c, k, row, mx, inv_sum, s.pick[g.segment()], valid, w_out, idx_out);
+}
+
+// Dynamic shared memory: the bias [S*V] (0 past E), for the aux variant the block's top-k counts
+// [S*V], then one SegmentScratch per warp.
+template <int S, int V, bool kAux>
+constexpr size_t segment_smem_bytes() {
+  return size_t(S * V) * sizeof(float) * (kAux ? 2 : 1) + kWarpsPerBlock * sizeof(SegmentScratch<S, V>);
+}
+
+template <class In, int S, int V, bool kAux>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    route_segment_kernel(RouteConfig c, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
+                         int lpg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
+  constexpr int kPad = S * V, kTokensPerWarp = 32 / S;
+  extern __shared__ __align__(16) float smem[];
   float* sbias = smem;
-  int* counts = reinterpret_cast<int*>(smem + E);
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    sbias[e] = bias(e);  // converted once per block
+  int* counts = reinterpret_cast<int*>(smem + kPad);
+  auto* scratch = reinterpret_cast<SegmentScratch<S, V>*>(smem + kPad * (kAux ? 2 : 1));
+  const int E = int(c.num_experts);
+  for (int e = threadIdx.x; e < kPad; e += blockDim.x) {
+    sbias[e] = e < E ? bias(e) : 0.0f;  // converted once per block
     if constexpr (kAux) counts[e] = 0;
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int warp = threadIdx.x / 32;
+  const SegmentLanes<S> g(threadIdx.x & 31);
+  SegmentScratch<S, V>& s = scratch[warp];
   float colsum[V] = {};
-  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
-  for (int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp; t < T; t += stride)
-    route_token_fast<In, V, kAux>(c, aux.cfg, x + t * E, sbias, lane, lpg, scratch[warp], colsum, counts,
-                                  w + t * c.topk, idx + t * c.topk);
+  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kTokensPerWarp;
+  for (int64_t t0 = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * kTokensPerWarp; t0 < T; t0 += stride) {
+    const int64_t t = t0 + g.segment();
+    const bool valid = t < T;
+    const int64_t row = valid ? t : T - 1;
+    route_token_segment<In, S, V, kAux>(g, c, aux.cfg, lpg, x + row * E, valid, sbias + g.sl * V, s, colsum,
+                                        counts, w + row * c.topk, idx + row * c.topk);
+  }
   if constexpr (kAux) {
-    float* partial = smem + 2 * E;
+    __syncwarp();
 #pragma unroll
-    for (int i = 0; i < V; ++i)
-      if (lane * V + i < E) partial[warp * E + lane * V + i] = colsum[i];
-    store_block_aux(aux, E, partial, kWarpsPerBlock, counts);
+    for (int i = 0; i < V; ++i) s.colsum[g.segment()][g.sl * V + i] = colsum[i];
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {  // added in (warp, segment) order: deterministic
+      float acc = 0.0f;
+      for (int wi = 0; wi < kWarpsPerBlock; ++wi)
+        for (int sg = 0; sg < kTokensPerWarp; ++sg) acc += scratch[wi].colsum[sg][e];
+      aux.ws_colsum[int64_t(blockIdx.x) * E + e] = acc;
+      aux.ws_counts[int64_t(blockIdx.x) * E + e] = counts[e];
+    }
   }
 }
 
@@ -578,20 +664,30 @@ ffi::Error launch_status(const char* what) {
   return ffi::Error::Internal(std::string("jax_moe: ") + what + ": " + cudaGetErrorString(err));
 }
 
-// Experts per lane for the warp path, or 0 when E is too large for registers.
-int fast_lane_width(int64_t E) {
-  for (int v = 1; v <= kMaxFastV; v *= 2)
-    if (32 * v >= E) return v;
-  return 0;
+// The smallest power of two >= E, for the thread path (E <= 32).
+int thread_row_width(int64_t E) {
+  int v = 1;
+  while (v < E) v *= 2;
+  return v;
 }
 
-// Lanes per group for the warp path: 0 without groups, -1 when groups do not fit lane segments.
-int fast_lanes_per_group(const RouteConfig& c, int V) {
-  if (c.num_groups == 0) return 0;
-  const int64_t gs = c.group_size();
-  if (gs % V) return -1;
-  const int64_t lpg = gs / V;
-  return (lpg <= 32 && (lpg & (lpg - 1)) == 0) ? int(lpg) : -1;
+// The segment path's layout for a config: S lanes of V experts per token, lpg lanes per group (0
+// without groups); S == 0 where it does not apply (E > 1024, k > 32, groups that are not runs of
+// whole lanes, or groups scored by more than their top 2).
+struct SegmentLayout {
+  int S = 0, V = 0, lpg = 0;
+};
+
+SegmentLayout segment_layout(const RouteConfig& c, int64_t aux_topk) {
+  const int64_t E = c.num_experts;
+  if (E > 1024 || c.topk > kMaxSegmentTopk || aux_topk > kMaxSegmentTopk) return {};
+  const int S = E <= 256 ? 8 : 32;
+  int V = 4;
+  while (S * V < E) V *= 2;
+  if (c.num_groups == 0) return {S, V, 0};
+  const int64_t gs = c.group_size(), lpg = gs / V;
+  if (E != S * V || gs % V || (lpg & (lpg - 1)) || c.group_score_topn > 2) return {};
+  return {S, V, int(lpg)};
 }
 
 // One forward launch: the kernel, its grid (fixed by the workspace for the aux variant, whose
@@ -617,17 +713,18 @@ void launch_thread(const Launch& l, const RouteConfig& c, const void* x, BiasLoa
       c, static_cast<const typename In::storage*>(x), bias, T, w, idx, kAux ? *l.aux : AuxArgs{});
 }
 
-template <class In, int V, bool kAux>
-void launch_fast(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, int lpg, float* w,
-                 int32_t* idx) {
-  const size_t smem = c.num_experts * sizeof(float) * (kAux ? 2 + kWarpsPerBlock : 1);
-  route_fast_kernel<In, V, kAux><<<l.grid(T, kWarpsPerBlock), kWarpsPerBlock * 32, smem, l.stream>>>(
+template <class In, int S, int V, bool kAux>
+void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, int lpg,
+                    float* w, int32_t* idx) {
+  constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
+  static_assert(smem <= 48 * 1024, "the segment path must fit the default shared memory limit");
+  route_segment_kernel<In, S, V, kAux><<<l.grid(T, kWarpsPerBlock * 32 / S), kWarpsPerBlock * 32, smem, l.stream>>>(
       c, static_cast<const typename In::storage*>(x), bias, T, lpg, w, idx, kAux ? *l.aux : AuxArgs{});
 }
 
 // Calls f.template operator()<V>() for V in {1, 2, 4, ..., 32}.
 template <class F>
-void dispatch_lane_width(int V, F&& f) {
+void dispatch_row_width(int V, F&& f) {
   switch (V) {
     case 1: f.template operator()<1>(); break;
     case 2: f.template operator()<2>(); break;
@@ -638,21 +735,36 @@ void dispatch_lane_width(int V, F&& f) {
   }
 }
 
+// Calls f.template operator()<S, V>() for the layouts segment_layout returns.
+template <class F>
+void dispatch_segment_layout(const SegmentLayout& s, F&& f) {
+  if (s.S == 32) {
+    if (s.V == 16) f.template operator()<32, 16>();
+    else f.template operator()<32, 32>();
+    return;
+  }
+  switch (s.V) {
+    case 4: f.template operator()<8, 4>(); break;
+    case 8: f.template operator()<8, 8>(); break;
+    case 16: f.template operator()<8, 16>(); break;
+    default: f.template operator()<8, 32>(); break;
+  }
+}
+
 template <class In, bool kAux>
 ffi::Error route_fwd_typed(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, float* w,
                            int32_t* idx) {
-  const bool aux_fits_warp = !kAux || l.aux->cfg.topk <= kMaxFastTopk;
   if (c.num_experts <= 32 && c.num_groups == 0) {
-    // The smallest power of two >= E.
-    dispatch_lane_width(fast_lane_width(32 * c.num_experts),
-                        [&]<int V>() { launch_thread<In, V, kAux>(l, c, x, bias, T, w, idx); });
+    dispatch_row_width(thread_row_width(c.num_experts),
+                       [&]<int V>() { launch_thread<In, V, kAux>(l, c, x, bias, T, w, idx); });
     return launch_status("route forward (thread per token)");
   }
-  const int V = fast_lane_width(c.num_experts);
-  const int lpg = V ? fast_lanes_per_group(c, V) : -1;
-  if (V && lpg >= 0 && c.topk <= kMaxFastTopk && aux_fits_warp) {
-    dispatch_lane_width(V, [&]<int W>() { launch_fast<In, W, kAux>(l, c, x, bias, T, lpg, w, idx); });
-    return launch_status("route forward (warp per token)");
+  const SegmentLayout layout = segment_layout(c, kAux ? l.aux->cfg.topk : 0);
+  if (layout.S) {
+    dispatch_segment_layout(layout, [&]<int S, int V>() {
+      launch_segment<In, S, V, kAux>(l, c, x, bias, T, layout.lpg, w, idx);
+    });
+    return launch_status("route forward (segment per token)");
   }
   const size_t per_warp = (2 * c.num_experts + c.num_groups + (kAux ? 2 * c.num_experts : 0)) * sizeof(uint32_t);
   if (per_warp > size_t(l.dev.smem_optin))
