@@ -63,6 +63,10 @@ struct SegmentLanes {
     for (int off = S / 2; off; off >>= 1) v = ::max(v, __shfl_xor_sync(kFullMask, v, off));
     return v;
   }
+  __device__ uint32_t min(uint32_t v) const {
+    for (int off = S / 2; off; off >>= 1) v = ::min(v, __shfl_xor_sync(kFullMask, v, off));
+    return v;
+  }
   __device__ float fmax(float v) const {
     for (int off = S / 2; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
     return v;

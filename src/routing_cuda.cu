@@ -2,9 +2,9 @@
 //
 // Forward: one launch, nothing [T, E] written. Three paths:
 //  * thread per token for E <= 32 without groups (a whole row in one thread's registers);
-//  * a segment of 8 (E <= 256) or 32 lanes per token for E <= 1024, topk <= 32 and groups that
-//    are runs of whole lanes (DeepSeek-V3: 8 lanes of 32 experts, one group each); a warp routes
-//    32 / S tokens at once, every lane holding V experts in registers;
+//  * a segment of 8 (E <= 256, many tokens) or 32 lanes per token for E <= 1024, topk <= 32 and
+//    groups that are runs of whole lanes (DeepSeek-V3: 8 lanes of 32 experts, one group each); a
+//    warp routes 32 / S tokens at once, every lane holding V experts in registers;
 //  * otherwise the shared row algorithm of routing_row.h, a warp per token on shared memory.
 // The fused aux variant also accumulates clean-score column sums and top-k counts per block into a
 // workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
@@ -38,8 +38,9 @@ struct AuxArgs {
 // it and write nothing, so that every lane takes part in every shuffle. Per token:
 //  1. ranking keys in registers, and in shared memory for step 4;
 //  2. groups (runs of lpg lanes) keep their experts only if among the group_topk best;
-//  3. tau = the k-th largest of the segment's kChunks * S chunk maxima: at least k keys reach it,
-//     and usually few more;
+//  3. tau, a key that at least k keys reach, and usually few more: the smallest second-best key
+//     of the kept groups where those suffice (DeepSeek-V3), else the k-th largest of the
+//     segment's kChunks * S chunk maxima;
 //  4. the keys >= tau (at most 32, else the exact fallback) are ranked against each other.
 // That is O(V) work per lane and O(k log S) shuffles per token, where k rounds of arg-max over the
 // row would take O(k V).
@@ -178,17 +179,16 @@ __device__ void topk_by_rounds(const SegmentLanes<S>& g, int k, const uint32_t (
   __syncwarp();
 }
 
-// Writes the experts of the segment's k best keys, in rank order, to s.pick[segment][0, k).
-// alive = false: this lane's keys do not take part (their group was dropped).
+// Writes the experts of the segment's k best keys, in rank order, to s.pick[segment][0, k), given
+// tau <= the k-th best key. alive = false: this lane's keys do not take part (its group was dropped).
 template <int S, int V>
-__device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&key)[V], bool alive,
+__device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&key)[V], bool alive, uint32_t tau,
                              SegmentScratch<S, V>& s) {
   const int seg = g.segment(), e0 = g.sl * V;
   uint32_t* skey = s.key[seg] + e0;  // this lane's keys, read back by index below
 #pragma unroll
   for (int c = 0; c < V / 4; ++c)
     reinterpret_cast<uint4*>(skey)[c] = make_uint4(key[4 * c], key[4 * c + 1], key[4 * c + 2], key[4 * c + 3]);
-  const uint32_t tau = candidate_threshold<S, V>(g, k, key, alive);
   uint32_t mask = 0;
 #pragma unroll
   for (int i = 0; i < V; ++i)
@@ -212,10 +212,16 @@ __device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&k
   __syncwarp();
 }
 
-// Whether this lane's group is among the group_topk best (SPEC §1 step 3). Groups are runs of lpg
-// lanes, scored by the sum of their group_score_topn (1 or 2) best keys' values.
+struct GroupChoice {
+  bool kept;        // among the group_topk best
+  uint32_t second;  // the group's second-best key
+};
+
+// Group selection (SPEC §1 step 3) for this lane's group. Groups are runs of lpg lanes, scored by
+// the sum of their group_score_topn (1 or 2) best keys' values.
 template <int S, int V>
-__device__ bool group_kept(const SegmentLanes<S>& g, const RouteConfig& c, int lpg, const uint32_t (&key)[V]) {
+__device__ GroupChoice choose_group(const SegmentLanes<S>& g, const RouteConfig& c, int lpg,
+                                    const uint32_t (&key)[V]) {
   uint32_t t1 = kExcluded, t2 = kExcluded;  // this lane's two best keys
 #pragma unroll
   for (int i = 0; i < V; ++i) t2 = max(t2, min(t1, key[i])), t1 = max(t1, key[i]);
@@ -232,7 +238,18 @@ __device__ bool group_kept(const SegmentLanes<S>& g, const RouteConfig& c, int l
     const int other = (group + o) & (groups - 1);
     rank += ranks_before(g.shfl(mine, other * lpg), other, mine, group);
   }
-  return rank < c.group_topk;
+  return {rank < c.group_topk, t2};
+}
+
+// A threshold for segment_topk. Every kept group has two keys >= its second best, so where
+// 2 * group_topk >= k the smallest second best of the kept groups is one; it costs one reduction
+// where the chunk maxima take k.
+template <int S, int V>
+__device__ uint32_t route_threshold(const SegmentLanes<S>& g, const RouteConfig& c, int lpg,
+                                    const uint32_t (&key)[V], GroupChoice group) {
+  if (lpg && 2 * c.group_topk >= c.topk && c.group_size() >= 2)
+    return max(g.min(group.kept ? group.second : 0xffffffffu), kExcluded + 1);
+  return candidate_threshold<S, V>(g, int(c.topk), key, group.kept);
 }
 
 // Fused aux statistics of one token: clean scores into this lane's column sums, its top-k experts
@@ -261,7 +278,7 @@ __device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, 
     key[i] = rank_key(score);
   }
   exclude_padding<S, V>(g, E, key);
-  segment_topk<S, V>(g, int(a.topk), key, true, s);
+  segment_topk<S, V>(g, int(a.topk), key, true, candidate_threshold<S, V>(g, int(a.topk), key, true), s);
   if (valid)
     for (int j = g.sl; j < a.topk; j += S) atomicAdd(&counts[s.pick[g.segment()][j]], 1);  // order-free
   __syncwarp();  // the routing selection reuses pick
@@ -339,8 +356,8 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
     key[4 * c4 + 3] = rank_key(val[4 * c4 + 3] + b.w);
   }
   exclude_padding<S, V>(g, E, key);
-  const bool alive = lpg == 0 || group_kept<S, V>(g, c, lpg, key);
-  segment_topk<S, V>(g, int(c.topk), key, alive, s);
+  const GroupChoice group = lpg ? choose_group<S, V>(g, c, lpg, key) : GroupChoice{true, kExcluded};
+  segment_topk<S, V>(g, int(c.topk), key, group.kept, route_threshold<S, V>(g, c, lpg, key, group), s);
   write_routing<In, S>(g, c, k, row, mx, inv_sum, s.pick[g.segment()], valid, w_out, idx_out);
 }
 
@@ -673,15 +690,20 @@ int thread_row_width(int64_t E) {
 
 // The segment path's layout for a config: S lanes of V experts per token, lpg lanes per group (0
 // without groups); S == 0 where it does not apply (E > 1024, k > 32, groups that are not runs of
-// whole lanes, or groups scored by more than their top 2).
+// whole lanes, or groups scored by more than their top 2). Segments of 8 lanes take the fewest
+// instructions per token, but a warp then walks 32 experts per lane for its 4 tokens; below
+// kWideTokens tokens the GPU is far from full, and a warp per token (8 experts per lane) finishes
+// sooner.
+constexpr int64_t kWideTokens = 4096;
+
 struct SegmentLayout {
   int S = 0, V = 0, lpg = 0;
 };
 
-SegmentLayout segment_layout(const RouteConfig& c, int64_t aux_topk) {
+SegmentLayout segment_layout(const RouteConfig& c, int64_t aux_topk, int64_t tokens) {
   const int64_t E = c.num_experts;
   if (E > 1024 || c.topk > kMaxSegmentTopk || aux_topk > kMaxSegmentTopk) return {};
-  const int S = E <= 256 ? 8 : 32;
+  const int S = E <= 256 && tokens >= kWideTokens ? 8 : 32;
   int V = 4;
   while (S * V < E) V *= 2;
   if (c.num_groups == 0) return {S, V, 0};
@@ -739,8 +761,12 @@ void dispatch_row_width(int V, F&& f) {
 template <class F>
 void dispatch_segment_layout(const SegmentLayout& s, F&& f) {
   if (s.S == 32) {
-    if (s.V == 16) f.template operator()<32, 16>();
-    else f.template operator()<32, 32>();
+    switch (s.V) {
+      case 4: f.template operator()<32, 4>(); break;
+      case 8: f.template operator()<32, 8>(); break;
+      case 16: f.template operator()<32, 16>(); break;
+      default: f.template operator()<32, 32>(); break;
+    }
     return;
   }
   switch (s.V) {
@@ -759,7 +785,7 @@ ffi::Error route_fwd_typed(const Launch& l, const RouteConfig& c, const void* x,
                        [&]<int V>() { launch_thread<In, V, kAux>(l, c, x, bias, T, w, idx); });
     return launch_status("route forward (thread per token)");
   }
-  const SegmentLayout layout = segment_layout(c, kAux ? l.aux->cfg.topk : 0);
+  const SegmentLayout layout = segment_layout(c, kAux ? l.aux->cfg.topk : 0, T);
   if (layout.S) {
     dispatch_segment_layout(layout, [&]<int S, int V>() {
       launch_segment<In, S, V, kAux>(l, c, x, bias, T, layout.lpg, w, idx);

@@ -257,6 +257,29 @@ def test_exact_ties_with_bias(rng):
   check_route(logits, 6, expert_bias=bias, num_groups=4, group_topk=2)
 
 
+# From 4096 tokens on, the CUDA forward routes four tokens per warp and picks its top-k threshold
+# another way (routing_cuda.cu, kWideTokens): the results must not change.
+MANY_TOKENS = 4099
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_many_tokens_deepseek_v3(rng, dtype):
+  logits = random_logits(rng, (MANY_TOKENS, DEEPSEEK_V3_E), DTYPES[dtype])
+  check_route(logits, DEEPSEEK_V3_K, expert_bias=random_bias(rng, DEEPSEEK_V3_E, "sigmoid"), **DEEPSEEK_V3)
+
+
+@pytest.mark.parametrize("mode", ["softmax_post", "softmax_pre"])
+def test_many_tokens_softmax(rng, mode):
+  check_route(random_logits(rng, (MANY_TOKENS, 128)), 8, **MODES[mode])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_tokens_exact_ties_with_groups(rng, mode):
+  logits = tied_logits(rng, (MANY_TOKENS, 64))
+  assert_has_ties_at_the_cut(logits, 6)
+  check_route(logits, 6, num_groups=8, group_topk=3, **MODES[mode])
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_negative_zero_ties_positive_zero(rng, grouped):
   # Negative logits with six signed zeros per row: the zeros are the best and tie whatever their sign.
