@@ -47,17 +47,32 @@ struct AuxArgs {
 constexpr int kChunks = 4;    // chunk maxima per lane
 constexpr int kMaxSegmentTopk = 32;
 
-// Per-warp shared memory of the segment path. After the last token, the aux variant keeps each
-// segment's clean-score column sums where the keys were.
+// Per-warp shared memory of the segment path. Element i of warp lane l lives at [i / 4][l][i % 4]:
+// the 16-byte accesses of a warp's lanes are then contiguous, free of bank conflicts. After the last
+// token, the aux variant keeps each lane's clean-score column sums where its keys were. The rows of
+// cand and pick are padded so that the segments' rows start on different banks.
 template <int S, int V>
 struct SegmentScratch {
   union {
-    uint32_t key[32 / S][S * V];
-    float colsum[32 / S][S * V];
+    uint4 key[V / 4][32];
+    float4 colsum[V / 4][32];
   };
-  Cand cand[32 / S][kMaxSegmentTopk];
-  int32_t pick[32 / S][kMaxSegmentTopk];  // expert of rank j
+  Cand cand[32 / S][kMaxSegmentTopk + 1];
+  int32_t pick[32 / S][kMaxSegmentTopk + 1];  // expert of rank j
+
+  __device__ uint32_t key_at(int lane, int i) const { return reinterpret_cast<const uint32_t*>(&key[i / 4][lane])[i % 4]; }
+  __device__ float colsum_at(int lane, int i) const {
+    return reinterpret_cast<const float*>(&colsum[i / 4][lane])[i % 4];
+  }
 };
+
+// Where the bias of expert e = l * V + i (segment lane l) lives in shared memory: [i / 4][l][i % 4],
+// so that the segment's lanes read 16 contiguous bytes each.
+template <int S, int V>
+__device__ int bias_slot(int e) {
+  const int l = e / V, i = e % V;
+  return ((i / 4) * S + l) * 4 + i % 4;
+}
 
 // What a token's selection ranks before adding the bias: the logit (softmax after top-k), or a score.
 enum class Carry { kLogit, kSigmoid, kSqrtSoftplus, kSoftmax };
@@ -185,10 +200,9 @@ template <int S, int V>
 __device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&key)[V], bool alive, uint32_t tau,
                              SegmentScratch<S, V>& s) {
   const int seg = g.segment(), e0 = g.sl * V;
-  uint32_t* skey = s.key[seg] + e0;  // this lane's keys, read back by index below
 #pragma unroll
-  for (int c = 0; c < V / 4; ++c)
-    reinterpret_cast<uint4*>(skey)[c] = make_uint4(key[4 * c], key[4 * c + 1], key[4 * c + 2], key[4 * c + 3]);
+  for (int c = 0; c < V / 4; ++c)  // read back by index below
+    s.key[c][g.lane] = make_uint4(key[4 * c], key[4 * c + 1], key[4 * c + 2], key[4 * c + 3]);
   uint32_t mask = 0;
 #pragma unroll
   for (int i = 0; i < V; ++i)
@@ -200,7 +214,7 @@ __device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&k
   Cand* cand = s.cand[seg];
   for (int slot = first; mask; mask &= mask - 1, ++slot) {
     const int i = __ffs(mask) - 1;
-    cand[slot] = Cand{skey[i], e0 + i};
+    cand[slot] = Cand{s.key_at(g.lane, i), e0 + i};
   }
   __syncwarp();
   for (int q = g.sl; q < total; q += S) {
@@ -325,7 +339,7 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
 
 template <class In, int S, int V, bool kAux>
 __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig& c, const AuxConfig& a, int lpg,
-                                    const typename In::storage* row, bool valid, const float* bias,
+                                    const typename In::storage* row, bool valid, const float4* bias,
                                     SegmentScratch<S, V>& s, float (&colsum)[V], int* counts, float* w_out,
                                     int32_t* idx_out) {
   const int E = int(c.num_experts);
@@ -349,7 +363,7 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
   uint32_t key[V];
 #pragma unroll
   for (int c4 = 0; c4 < V / 4; ++c4) {
-    const float4 b = reinterpret_cast<const float4*>(bias)[c4];
+    const float4 b = bias[c4 * S];
     key[4 * c4] = rank_key(val[4 * c4] + b.x);
     key[4 * c4 + 1] = rank_key(val[4 * c4 + 1] + b.y);
     key[4 * c4 + 2] = rank_key(val[4 * c4 + 2] + b.z);
@@ -361,8 +375,8 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
   write_routing<In, S>(g, c, k, row, mx, inv_sum, s.pick[g.segment()], valid, w_out, idx_out);
 }
 
-// Dynamic shared memory: the bias [S*V] (0 past E), for the aux variant the block's top-k counts
-// [S*V], then one SegmentScratch per warp.
+// Dynamic shared memory: the bias [S*V] (0 past E; see bias_slot), for the aux variant the block's
+// top-k counts [S*V], then one SegmentScratch per warp.
 template <int S, int V, bool kAux>
 constexpr size_t segment_smem_bytes() {
   return size_t(S * V) * sizeof(float) * (kAux ? 2 : 1) + kWarpsPerBlock * sizeof(SegmentScratch<S, V>);
@@ -379,7 +393,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   auto* scratch = reinterpret_cast<SegmentScratch<S, V>*>(smem + kPad * (kAux ? 2 : 1));
   const int E = int(c.num_experts);
   for (int e = threadIdx.x; e < kPad; e += blockDim.x) {
-    sbias[e] = e < E ? bias(e) : 0.0f;  // converted once per block
+    sbias[bias_slot<S, V>(e)] = e < E ? bias(e) : 0.0f;  // converted once per block
     if constexpr (kAux) counts[e] = 0;
   }
   __syncthreads();
@@ -392,18 +406,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     const int64_t t = t0 + g.segment();
     const bool valid = t < T;
     const int64_t row = valid ? t : T - 1;
-    route_token_segment<In, S, V, kAux>(g, c, aux.cfg, lpg, x + row * E, valid, sbias + g.sl * V, s, colsum,
-                                        counts, w + row * c.topk, idx + row * c.topk);
+    route_token_segment<In, S, V, kAux>(g, c, aux.cfg, lpg, x + row * E, valid,
+                                        reinterpret_cast<const float4*>(sbias) + g.sl, s, colsum, counts,
+                                        w + row * c.topk, idx + row * c.topk);
   }
   if constexpr (kAux) {
     __syncwarp();
 #pragma unroll
-    for (int i = 0; i < V; ++i) s.colsum[g.segment()][g.sl * V + i] = colsum[i];
+    for (int c4 = 0; c4 < V / 4; ++c4)
+      s.colsum[c4][g.lane] = make_float4(colsum[4 * c4], colsum[4 * c4 + 1], colsum[4 * c4 + 2], colsum[4 * c4 + 3]);
     __syncthreads();
     for (int e = threadIdx.x; e < E; e += blockDim.x) {  // added in (warp, segment) order: deterministic
       float acc = 0.0f;
       for (int wi = 0; wi < kWarpsPerBlock; ++wi)
-        for (int sg = 0; sg < kTokensPerWarp; ++sg) acc += scratch[wi].colsum[sg][e];
+        for (int sg = 0; sg < kTokensPerWarp; ++sg) acc += scratch[wi].colsum_at(sg * S + e / V, e % V);
       aux.ws_colsum[int64_t(blockIdx.x) * E + e] = acc;
       aux.ws_counts[int64_t(blockIdx.x) * E + e] = counts[e];
     }
