@@ -2,7 +2,8 @@
 # Build jax_moe and run its benchmarks on the GPU machine, from the repo root:
 #   JAX_MOE_COMMIT=<short hash> bash benchmarks/run_gpu.sh [BENCH ...]
 # BENCH: routing aux_loss grouped_matmul permute moe_layer (default: all five; the
-# device tool allows 600 s a command, so pass a subset when the build is slow).
+# device tool allows 600 s a command, so pass a subset when the build is slow), or
+# ep_scaling (every GPU of the machine: name it explicitly).
 # Logs go to $OUT/<bench>.log, reports to $OUT/<bench>.md (append those to
 # benchmarks/RESULTS.md: the copy written there does not come back), machine
 # and versions to $OUT/env.txt, the build log to $OUT/build.log.
@@ -18,7 +19,7 @@ export OUT PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 mkdir -p "$OUT"
 
 declare -A LIMIT=([routing]=300 [aux_loss]=300 [grouped_matmul]=360
-                  [permute]=120 [moe_layer]=480)
+                  [permute]=120 [moe_layer]=480 [ep_scaling]=300)
 benches=("$@")
 [ ${#benches[@]} -eq 0 ] && benches=(routing aux_loss grouped_matmul permute moe_layer)
 for b in "${benches[@]}"; do

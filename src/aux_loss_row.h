@@ -191,22 +191,33 @@ MOE_HD float clean_dot(const Lanes& L, ScoreFunction f, const typename In::stora
   return r.dot / (f == ScoreFunction::kSoftmax ? r.sum : r.sum + kEps);
 }
 
-// d logits of one row given d scores g(e) (SPEC §2 / TE's aux-score backward), written to every dx[e]
-// after one pass for the statistics: softmax dx = p (g - Σ g p); otherwise
-// h = g / (S + ε) - Σ g a / (S + ε)², dx = h · da/dx.
+// d logits of a row's clean scores for d scores g(e) (SPEC §2 / TE's aux-score backward), element by
+// element once one pass has summed the row: softmax dx = p (g - Σ g p); otherwise dx = h · da/dx
+// with h = g / (S + ε) - Σ g a / (S + ε)².
+struct CleanGrad {
+  ScoreFunction f;
+  float m, sum;   // softmax: the row maximum and Σ exp(x - m)
+  float gp;       // softmax: Σ g p
+  RenormGrad rg;  // elementwise scores: h(g)
+
+  MOE_HD float dx(float x, float g) const {
+    if (f == ScoreFunction::kSoftmax) return expf(x - m) / sum * (g - gp);
+    return rg.h(g) * elementwise_score_grad(f, x, elementwise_score(f, x));
+  }
+};
+
+template <class Lanes, class In, class G>
+MOE_HD CleanGrad clean_grad(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, G g) {
+  const RowSums r = row_sums<Lanes, In>(L, f, x, n, g);
+  return {f, r.m, r.sum, r.dot / r.sum, renorm_grad(true, r.sum, r.dot)};
+}
+
+// d logits of one row given d scores g(e), written to every dx[e].
 template <class Lanes, class In, class G>
 MOE_HD void clean_scores_bwd_row(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, G g,
                                  typename In::storage* dx) {
-  const RowSums r = row_sums<Lanes, In>(L, f, x, n, g);
-  if (f == ScoreFunction::kSoftmax) {
-    const float gp = r.dot / r.sum;
-    map_row<Lanes, In, In>(L, x, n, dx, [&](int64_t e, float xe) { return expf(xe - r.m) / r.sum * (g(e) - gp); });
-    return;
-  }
-  const RenormGrad rg = renorm_grad(true, r.sum, r.dot);
-  map_row<Lanes, In, In>(L, x, n, dx, [&](int64_t e, float xe) {
-    return rg.h(g(e)) * elementwise_score_grad(f, xe, elementwise_score(f, xe));
-  });
+  const CleanGrad cg = clean_grad<Lanes, In>(L, f, x, n, g);
+  map_row<Lanes, In, In>(L, x, n, dx, [&](int64_t e, float xe) { return cg.dx(xe, g(e)); });
 }
 
 // ------------------------------------------------------------------ top-k

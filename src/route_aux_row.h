@@ -15,28 +15,6 @@ struct AuxConfig {
   ScoreFunction score_function;
 };
 
-// d logits of a row's clean scores for d scores g(e), element by element once the row statistics
-// are known: softmax dx = p (g - Σ g p); otherwise dx = (g - Σ g a / (S + ε)) / (S + ε) * da/dx.
-struct CleanGrad {
-  CleanStats st;
-  float g_dot;  // Σ g·p (softmax) or Σ g·a / (S + ε)
-
-  MOE_HD float dx(float x, float g) const {
-    if (st.f == ScoreFunction::kSoftmax) return st.score(x) * (g - g_dot);
-    const float a = elementwise_score(st.f, x);
-    return (g - g_dot) / st.denom * elementwise_score_grad(st.f, x, a);
-  }
-};
-
-template <class Lanes, class In>
-MOE_HD CleanGrad clean_grad(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n,
-                            const float* g) {
-  const CleanStats st = clean_stats<Lanes, In>(L, f, x, n);
-  float acc = 0.0f;
-  for (int64_t e = L.lane; e < n; e += L.nlanes) acc += g[e] * st.numerator(In::to_float(x[e]));
-  return {st, L.sum(acc) / st.denom};
-}
-
 // Adds one row's clean scores to colsum[e] and its top-k experts by clean score to counts[e].
 // colsum entries are owned by the lanes that stride over them; counts are visited once per expert.
 template <class Lanes, class In>
@@ -55,7 +33,7 @@ template <class Lanes, class In>
 MOE_HD void route_aux_bwd_row(const Lanes& L, const RouteConfig& c, ScoreFunction aux_f,
                               const typename In::storage* x, const int32_t* idx, const float* dw,
                               const float* dscale, typename In::storage* dx) {
-  const CleanGrad cg = clean_grad<Lanes, In>(L, aux_f, x, c.num_experts, dscale);
+  const CleanGrad cg = clean_grad<Lanes, In>(L, aux_f, x, c.num_experts, [&](int64_t e) { return dscale[e]; });
   route_bwd_row<Lanes, In>(L, c, x, idx, dw, dx, [&](int64_t e, float xe) { return cg.dx(xe, dscale[e]); });
 }
 
