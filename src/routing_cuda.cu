@@ -60,7 +60,9 @@ struct SegmentScratch {
   Cand cand[32 / S][kMaxSegmentTopk + 1];
   int32_t pick[32 / S][kMaxSegmentTopk + 1];  // expert of rank j
 
-  __device__ uint32_t key_at(int lane, int i) const { return reinterpret_cast<const uint32_t*>(&key[i / 4][lane])[i % 4]; }
+  __device__ uint32_t key_at(int lane, int i) const {
+    return reinterpret_cast<const uint32_t*>(&key[i / 4][lane])[i % 4];
+  }
   __device__ float colsum_at(int lane, int i) const {
     return reinterpret_cast<const float*>(&colsum[i / 4][lane])[i % 4];
   }
@@ -382,6 +384,7 @@ constexpr size_t segment_smem_bytes() {
   return size_t(S * V) * sizeof(float) * (kAux ? 2 : 1) + kWarpsPerBlock * sizeof(SegmentScratch<S, V>);
 }
 
+// Two blocks per SM at least: caps the aux variant at 128 registers (it spills nothing there).
 template <class In, int S, int V, bool kAux>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
     route_segment_kernel(RouteConfig c, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
