@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_moe
 import np_aux_reference as ref
-from test_routing import assert_inputs_reach_kernel_unconverted
+from test_routing import assert_inputs_reach_kernel_unconverted, non_finite_rows
 
 # The module (the package attribute jax_moe.aux_loss is the function of that name).
 aux_module = importlib.import_module("jax_moe.aux_loss")
@@ -244,27 +244,6 @@ def test_exact_ties_go_to_the_lower_index(rng, score_function, topk):
   top = np.sort(f64(logits), -1)[:, ::-1]
   assert (top[:, topk - 1] == top[:, topk]).any(), "no tie at the cut"
   check_scores(logits, topk, score_function, rtol=scores_rtol(64))
-
-
-def _row_with(rng, num_experts, **counts):
-  row = rng.normal(size=num_experts) * 1.5
-  special = {"nan": np.nan, "neg_inf": -np.inf, "pos_inf": np.inf}
-  positions = rng.permutation(num_experts)
-  start = 0
-  for name, count in counts.items():
-    row[positions[start:start + count]] = special[name]
-    start += count
-  return row
-
-
-def non_finite_rows(rng, num_experts):
-  return np.stack([
-      _row_with(rng, num_experts, nan=1), _row_with(rng, num_experts, nan=3),
-      _row_with(rng, num_experts, neg_inf=5), _row_with(rng, num_experts, neg_inf=num_experts),
-      _row_with(rng, num_experts, pos_inf=1), _row_with(rng, num_experts, pos_inf=2, neg_inf=3),
-      _row_with(rng, num_experts, neg_inf=num_experts - 6, nan=4), _row_with(rng, num_experts, nan=num_experts),
-      _row_with(rng, num_experts),
-  ])
 
 
 @pytest.mark.parametrize("num_experts,topk", [(16, 1), (16, 4), (2048, 3), (2048, 40)], ids=str)
