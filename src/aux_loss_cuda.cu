@@ -25,15 +25,10 @@
 namespace jax_moe {
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
-
-// ------------------------------------------------------------------- lanes
-// The host branches only exist to compile: these policies are used from device code.
 __device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
   return v;
 }
-
 
 // ------------------------------------------------------- deterministic sum
 // Block sum of one value per warp of the first kSumWarps warps (lane 0's), as the last step of the host
@@ -96,21 +91,8 @@ __global__ void empty_loss_kernel(LossOut out) { out.write(0.0f); }
 // Row kernels: 8 warps a block; each warp works on 32 / W rows at a time, W lanes a row (row_lanes).
 constexpr int kRowWarps = kSumWarps;
 constexpr int kRowThreads = kSumThreads;
-
 template <int W>
-struct RowGroup {
-  static constexpr int kPerBlock = kRowWarps * (32 / W);  // rows a block works on at once
-  __device__ static GroupLanes<W> lanes() {
-    const int lane = int(threadIdx.x & 31);
-    if constexpr (W == 32) {
-      return {lane, kFull};
-    } else {
-      return {lane & (W - 1), ((1u << W) - 1u) << (lane & ~(W - 1))};
-    }
-  }
-  __device__ static int64_t first() { return int64_t(blockIdx.x) * kPerBlock + (threadIdx.x / W); }
-  __device__ static int64_t stride() { return int64_t(gridDim.x) * kPerBlock; }
-};
+using RowGroup = RowGroupOf<W, kRowWarps>;
 
 // Rows up to this many experts keep their scores' ranking keys in shared memory to rank from, and count
 // into a shared histogram; longer rows rank from the scores in global memory and count with global
@@ -220,7 +202,7 @@ __global__ void __launch_bounds__(kRowThreads, 8)
   float acc = 0.0f;
   for (int64_t t = R::first(); t < T; t += R::stride())
     acc = acc + clean_dot<GroupLanes<W>, In>(L, kF, x + t * E, E, tpe);
-  for (int off = 16; off >= W; off >>= 1) acc += __shfl_xor_sync(kFull, acc, off);
+  for (int off = 16; off >= W; off >>= 1) acc += __shfl_xor_sync(kFullMask, acc, off);
   finish_loss(combine_warps(acc), out);
 }
 

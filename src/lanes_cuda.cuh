@@ -96,6 +96,22 @@ struct SegmentLanes {
     return c;
   }
 };
+
+// Rows of a kernel of kWarps warps a block, W lanes a row: each warp works on 32 / W rows at a time.
+template <int W, int kWarps>
+struct RowGroupOf {
+  static constexpr int kPerBlock = kWarps * (32 / W);  // rows a block works on at once
+  __device__ static GroupLanes<W> lanes() {
+    const int lane = int(threadIdx.x & 31);
+    if constexpr (W == 32) {
+      return {lane, kFullMask};
+    } else {
+      return {lane & (W - 1), ((1u << W) - 1u) << (lane & ~(W - 1))};
+    }
+  }
+  __device__ static int64_t first() { return int64_t(blockIdx.x) * kPerBlock + (threadIdx.x / W); }
+  __device__ static int64_t stride() { return int64_t(gridDim.x) * kPerBlock; }
+};
 #endif
 
 }  // namespace jax_moe

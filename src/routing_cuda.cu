@@ -8,12 +8,13 @@
 //  * otherwise the shared row algorithm of routing_row.h, a warp per token on shared memory.
 // The fused aux variant also accumulates clean-score column sums and top-k counts per block into a
 // workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
-// Backward: one warp per token running the shared backward row algorithm.
+// Backward: the shared backward row algorithm, run by 1, 8 or 32 lanes a token (dispatch_bwd_lanes).
 #include <cuda_runtime.h>
 
 #include <array>
 #include <atomic>
 #include <string>
+#include <type_traits>
 
 #include "ffi_helpers.h"
 #include "handlers.h"
@@ -619,58 +620,48 @@ __global__ void aux_finalize_kernel(const float* __restrict__ ws_colsum, const i
 }
 
 // ------------------------------------------------------------------ backward
-// Zeros a row with 16-byte stores where its alignment allows (the bits of +0.0 are zero).
-template <class S>
-__device__ void zero_row(S* row, int64_t n, int lane) {
+// Zeros this lane's share of a row, with 16-byte stores where the row's alignment allows (the bits of
+// +0.0 are zero).
+template <class Lanes, class S>
+__device__ void zero_row(const Lanes& L, S* row, int64_t n) {
   constexpr int kPerVector = 16 / sizeof(S);
-  if (n % kPerVector == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
-    for (int64_t i = lane; i < n / kPerVector; i += 32) reinterpret_cast<uint4*>(row)[i] = make_uint4(0, 0, 0, 0);
+  if (n % kPerVector == 0 && aligned16(row)) {
+    for (int64_t i = L.lane; i < n / kPerVector; i += L.nlanes) reinterpret_cast<uint4*>(row)[i] = make_uint4(0, 0, 0, 0);
   } else {
-    for (int64_t e = lane; e < n; e += 32) row[e] = S(0);
+    for (int64_t e = L.lane; e < n; e += L.nlanes) row[e] = S(0);
   }
 }
 
-template <class In, bool kAux>
+// W lanes a token (bwd_lanes): with few experts, a warp works on several tokens at once, so that the
+// topk-long parts of the backward keep its lanes busy. Rows of at most 32 experts: one thread a token.
+template <class In, int W, bool kAux>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_bwd_kernel(RouteConfig c, ScoreFunction aux_f, const typename In::storage* __restrict__ x,
                      const int32_t* __restrict__ idx, const float* __restrict__ dw, const float* __restrict__ dscale,
                      typename In::storage* __restrict__ dx, int64_t T) {
-  const WarpLanes L{int(threadIdx.x & 31), kFullMask};
-  const int64_t E = c.num_experts, k = c.topk, stride = int64_t(gridDim.x) * kWarpsPerBlock;
+  using R = RowGroupOf<W, kWarpsPerBlock>;
+  using Lanes = std::conditional_t<W == 1, SerialLanes, GroupLanes<W>>;
+  Lanes L;
+  if constexpr (W > 1) L = R::lanes();
+  const int64_t E = c.num_experts, k = c.topk;
   const bool sparse = !kAux && !(c.score_function == ScoreFunction::kSoftmax && c.use_pre_softmax);
-  for (int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; t < T; t += stride) {
+  for (int64_t t = R::first(); t < T; t += R::stride()) {
     const auto* xr = x + t * E;
     const int32_t* ir = idx + t * k;
     const float* dwr = dw + t * k;
     auto* dxr = dx + t * E;
     if constexpr (kAux) {
-      route_aux_bwd_row<WarpLanes, In>(L, c, aux_f, xr, ir, dwr, dscale, dxr);
+      route_aux_bwd_row<Lanes, In>(L, c, aux_f, xr, ir, dwr, dscale, dxr);
     } else if (sparse) {  // only the chosen experts get a gradient: zero the row, then write them
-      const RouteRowGrad<In> r = route_row_grad<WarpLanes, In>(L, c, xr, ir, dwr);
-      zero_row(dxr, E, L.lane);
-      __syncwarp();
-      for (int64_t j = L.lane; j < k; j += 32)
+      const RouteRowGrad<In> r = route_row_grad<Lanes, In>(L, c, xr, ir, dwr);
+      zero_row(L, dxr, E);
+      L.sync();
+      for (int64_t j = L.lane; j < k; j += L.nlanes)
         if (r.chosen_valid(j)) dxr[ir[j]] = In::from_float(r.chosen(j));
     } else {
-      route_bwd_row<WarpLanes, In>(L, c, xr, ir, dwr, dxr);
+      route_bwd_row<Lanes, In>(L, c, xr, ir, dwr, dxr);
     }
-    __syncwarp();
-  }
-}
-
-// Rows of at most 32 experts: one thread per token, like the forward.
-template <class In, bool kAux>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    route_bwd_thread_kernel(RouteConfig c, ScoreFunction aux_f, const typename In::storage* __restrict__ x,
-                            const int32_t* __restrict__ idx, const float* __restrict__ dw,
-                            const float* __restrict__ dscale, typename In::storage* __restrict__ dx, int64_t T) {
-  const int64_t E = c.num_experts, k = c.topk, stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < T; t += stride) {
-    if constexpr (kAux)
-      route_aux_bwd_row<SerialLanes, In>(SerialLanes{}, c, aux_f, x + t * E, idx + t * k, dw + t * k, dscale,
-                                         dx + t * E);
-    else
-      route_bwd_row<SerialLanes, In>(SerialLanes{}, c, x + t * E, idx + t * k, dw + t * k, dx + t * E);
+    L.sync();
   }
 }
 
@@ -876,25 +867,29 @@ ffi::Error route_aux_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer log
   return launch_status("route_with_aux_loss forward (statistics)");
 }
 
+// Lanes a token of the backward: one for rows of at most 32 experts, 8 up to 256, else a warp.
+template <class F>
+void dispatch_bwd_lanes(int64_t E, F&& f) {
+  if (E <= 32) f.template operator()<1>();
+  else if (E <= 256) f.template operator()<8>();
+  else f.template operator()<32>();
+}
+
 template <bool kAux>
 ffi::Error launch_route_bwd(cudaStream_t stream, int32_t device, const RouteBwdBuffers& b, ScoreFunction aux_f,
                             const float* dscale) {
   if (b.tokens == 0) return ffi::Error::Success();
   const DeviceLimits dev = device_limits(device);
-  const bool per_thread = b.config.num_experts <= 32;
-  const int tokens_per_block = per_thread ? kWarpsPerBlock * 32 : kWarpsPerBlock;
-  const unsigned grid = unsigned(
-      std::min<int64_t>((b.tokens + tokens_per_block - 1) / tokens_per_block, int64_t(dev.sm_count) * 16));
   return dispatch_float(b.logits_dtype, [&]<class In>() {
     using S = typename In::storage;
-    const auto* x = static_cast<const S*>(b.logits);
-    auto* dx = static_cast<S*>(b.dlogits);
-    if (per_thread)
-      route_bwd_thread_kernel<In, kAux><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-          b.config, aux_f, x, b.indices, b.dweights, dscale, dx, b.tokens);
-    else
-      route_bwd_kernel<In, kAux><<<grid, kWarpsPerBlock * 32, 0, stream>>>(b.config, aux_f, x, b.indices,
-                                                                           b.dweights, dscale, dx, b.tokens);
+    dispatch_bwd_lanes(b.config.num_experts, [&]<int W>() {
+      const int64_t per_block = RowGroupOf<W, kWarpsPerBlock>::kPerBlock;
+      const unsigned grid =
+          unsigned(std::min<int64_t>((b.tokens + per_block - 1) / per_block, int64_t(dev.sm_count) * 16));
+      route_bwd_kernel<In, W, kAux><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+          b.config, aux_f, static_cast<const S*>(b.logits), b.indices, b.dweights, dscale,
+          static_cast<S*>(b.dlogits), b.tokens);
+    });
     return launch_status("route backward");
   });
 }

@@ -13,6 +13,7 @@
 #include <climits>
 
 #include "moe_math.h"
+#include "row_access.h"
 
 namespace jax_moe {
 
@@ -210,10 +211,7 @@ template <class Lanes, class In, class Extra = NoExtraGrad>
 MOE_HD void route_bwd_row(const Lanes& L, const RouteConfig& c, const typename In::storage* x,
                           const int32_t* idx, const float* dw, typename In::storage* dx, Extra extra = {}) {
   const RouteRowGrad<In> r = route_row_grad<Lanes, In>(L, c, x, idx, dw);
-  for (int64_t e = L.lane; e < c.num_experts; e += L.nlanes) {
-    const float xe = In::to_float(x[e]);
-    dx[e] = In::from_float(r.base(xe) + extra(e, xe));
-  }
+  map_row<Lanes, In, In>(L, x, c.num_experts, dx, [&](int64_t e, float xe) { return r.base(xe) + extra(e, xe); });
   L.sync();  // the chosen experts' values below overwrite the base values above
   for (int64_t j = L.lane; j < c.topk; j += L.nlanes)
     if (r.chosen_valid(j)) dx[idx[j]] = In::from_float(r.chosen(j) + extra(idx[j], r.logit(j)));

@@ -1,0 +1,92 @@
+// Row access written once for the CPU and CUDA kernels: a lane's share of a token row, read and written
+// in 16-byte chunks where the row is aligned.
+#pragma once
+
+#include <cstdint>
+
+#include "moe_math.h"
+
+namespace jax_moe {
+
+// A lane's share of a row [0, n): chunks of 16 bytes of the element type, chunk c going to lane
+// c % nlanes, then the last n % (elements per chunk) elements one per lane. The assignment depends only
+// on n, so per-lane sums are deterministic; a chunk is one 16-byte load (CUDA) where the row is aligned.
+template <class S>
+MOE_HD constexpr int chunk_elems() {
+  return int(16 / sizeof(S));
+}
+
+MOE_HD bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <class S, int V>
+MOE_HD void load_chunk(const S* p, bool aligned, S (&v)[V]) {
+#ifdef __CUDA_ARCH__
+  if (aligned) {
+    struct alignas(16) Pack {
+      S a[V];
+    };
+    const Pack pk = *reinterpret_cast<const Pack*>(p);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = pk.a[j];
+    return;
+  }
+#endif
+  for (int j = 0; j < V; ++j) v[j] = p[j];
+}
+
+template <class S, int V>
+MOE_HD void store_chunk(S* p, bool aligned, const S (&v)[V]) {
+#ifdef __CUDA_ARCH__
+  if (aligned) {
+    static_assert(V * sizeof(S) % 16 == 0, "whole 16-byte pieces");
+#pragma unroll
+    for (int i = 0; i < int(V * sizeof(S) / 16); ++i)
+      reinterpret_cast<uint4*>(p)[i] = reinterpret_cast<const uint4*>(v)[i];
+    return;
+  }
+#endif
+  for (int j = 0; j < V; ++j) p[j] = v[j];
+}
+
+// Calls f(e0, xv) for this lane's pieces of the row, in its order: xv is a float array of the chunk's
+// elements e0, e0 + 1, ... (of the chunk size, or of 1 for the last elements).
+template <class Lanes, class In, class F>
+MOE_HD void for_row(const Lanes& L, const typename In::storage* x, int64_t n, F f) {
+  using S = typename In::storage;
+  constexpr int V = chunk_elems<S>();
+  const int64_t chunks = n / V;
+  const bool aligned = aligned16(x);
+  for (int64_t c = L.lane; c < chunks; c += L.nlanes) {
+    S v[V];
+    load_chunk(x + c * V, aligned, v);
+    float xv[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) xv[j] = In::to_float(v[j]);
+    f(c * V, xv);
+  }
+  for (int64_t e = chunks * V + L.lane; e < n; e += L.nlanes) {
+    const float xv[1] = {In::to_float(x[e])};
+    f(e, xv);
+  }
+}
+
+// out[e] = Out::from_float(f(e, x_e)) for the elements this lane owns (the same share as for_row).
+template <class Lanes, class In, class Out, class F>
+MOE_HD void map_row(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out, F f) {
+  using S = typename In::storage;
+  using O = typename Out::storage;
+  constexpr int V = chunk_elems<S>();
+  const int64_t chunks = n / V;
+  const bool aligned = aligned16(x), out_aligned = aligned16(out);
+  for (int64_t c = L.lane; c < chunks; c += L.nlanes) {
+    S v[V];
+    alignas(16) O o[V];
+    load_chunk(x + c * V, aligned, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) o[j] = Out::from_float(f(c * V + j, In::to_float(v[j])));
+    store_chunk(out + c * V, out_aligned, o);
+  }
+  for (int64_t e = chunks * V + L.lane; e < n; e += L.nlanes) out[e] = Out::from_float(f(e, In::to_float(x[e])));
+}
+
+}  // namespace jax_moe
