@@ -52,13 +52,22 @@ constexpr int kMaxSegmentTopk = 32;
 // the 16-byte accesses of a warp's lanes are then contiguous, free of bank conflicts. After the last
 // token, the aux variant keeps each lane's clean-score column sums where its keys were. The rows of
 // cand and pick are padded so that the segments' rows start on different banks.
+// A candidate of segment_topk as one 64-bit number that is larger where the candidate ranks first:
+// the key above the complement of the expert (the lower expert wins a tie).
+__device__ uint64_t packed_cand(uint32_t key, int expert) { return (uint64_t(key) << 32) | uint32_t(~expert); }
+__device__ int packed_expert(uint64_t c) { return int(~uint32_t(c)); }
+
+// Candidate rows hold kMaxSegmentTopk candidates, then zeros (which rank after every candidate) up to a
+// multiple of 4, read 4 at a time; 36 entries put the segments' rows on different banks.
+constexpr int kCandRow = kMaxSegmentTopk + 4;
+
 template <int S, int V>
 struct SegmentScratch {
   union {
     uint4 key[V / 4][32];
     float4 colsum[V / 4][32];
   };
-  Cand cand[32 / S][kMaxSegmentTopk + 1];
+  alignas(16) uint64_t cand[32 / S][kCandRow];
   int32_t pick[32 / S][kMaxSegmentTopk + 1];  // expert of rank j
 
   __device__ uint32_t key_at(int lane, int i) const {
@@ -214,17 +223,23 @@ __device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&k
   const int total = g.shfl(first + count, S - 1);
   if (__any_sync(kFullMask, total > kMaxSegmentTopk)) return topk_by_rounds<S, V>(g, k, key, alive, s.pick[seg]);
 
-  Cand* cand = s.cand[seg];
+  uint64_t* cand = s.cand[seg];
   for (int slot = first; mask; mask &= mask - 1, ++slot) {
     const int i = __ffs(mask) - 1;
-    cand[slot] = Cand{s.key_at(g.lane, i), e0 + i};
+    cand[slot] = packed_cand(s.key_at(g.lane, i), e0 + i);
   }
+  const int padded = (total + 3) & ~3;
+  if (total + g.sl < padded) cand[total + g.sl] = 0;
   __syncwarp();
-  for (int q = g.sl; q < total; q += S) {
-    const Cand c = cand[q];
+  for (int q = g.sl; q < total; q += S) {  // rank = how many candidates rank before this one
+    const uint64_t c = cand[q];
     int rank = 0;
-    for (int o = 0; o < total; ++o) rank += before(cand[o], c);
-    if (rank < k) s.pick[seg][rank] = c.idx;
+    for (int o = 0; o < padded; o += 4) {
+      const ulonglong2 a = *reinterpret_cast<const ulonglong2*>(cand + o);
+      const ulonglong2 b = *reinterpret_cast<const ulonglong2*>(cand + o + 2);
+      rank += int(a.x > c) + int(a.y > c) + int(b.x > c) + int(b.y > c);
+    }
+    if (rank < k) s.pick[seg][rank] = packed_expert(c);
   }
   __syncwarp();
 }
@@ -286,11 +301,11 @@ __device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, 
   carried_row<V>(k, x, mx, 1.0f, num);
 #pragma unroll
   for (int i = 0; i < V; ++i) total += num[i];
-  const float denom = k == Carry::kSoftmax ? g.sum(total) : g.sum(total) + kEps;  // as CleanStats
+  const float inv_denom = 1.0f / (k == Carry::kSoftmax ? g.sum(total) : g.sum(total) + kEps);  // as CleanStats
   uint32_t key[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const float score = num[i] / denom;
+    const float score = num[i] * inv_denom;
     if (valid) colsum[i] += score;
     key[i] = rank_key(score);
   }
@@ -367,10 +382,10 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
 #pragma unroll
   for (int c4 = 0; c4 < V / 4; ++c4) {
     const float4 b = bias[c4 * S];
-    key[4 * c4] = rank_key(val[4 * c4] + b.x);
-    key[4 * c4 + 1] = rank_key(val[4 * c4 + 1] + b.y);
-    key[4 * c4 + 2] = rank_key(val[4 * c4 + 2] + b.z);
-    key[4 * c4 + 3] = rank_key(val[4 * c4 + 3] + b.w);
+    key[4 * c4] = rank_key_no_neg_zero(val[4 * c4] + b.x);
+    key[4 * c4 + 1] = rank_key_no_neg_zero(val[4 * c4 + 1] + b.y);
+    key[4 * c4 + 2] = rank_key_no_neg_zero(val[4 * c4 + 2] + b.z);
+    key[4 * c4 + 3] = rank_key_no_neg_zero(val[4 * c4 + 3] + b.w);
   }
   exclude_padding<S, V>(g, E, key);
   const GroupChoice group = lpg ? choose_group<S, V>(g, c, lpg, key) : GroupChoice{true, kExcluded};
@@ -385,9 +400,10 @@ constexpr size_t segment_smem_bytes() {
   return size_t(S * V) * sizeof(float) * (kAux ? 2 : 1) + kWarpsPerBlock * sizeof(SegmentScratch<S, V>);
 }
 
-// Two blocks per SM at least: caps the aux variant at 128 registers (it spills nothing there).
+// Register caps that spill nothing (sm_90a, nvcc 13.0): 64 for routing, four blocks an SM; 128 for the
+// aux variant, two blocks (at 80 it spills).
 template <class In, int S, int V, bool kAux>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kAux ? 2 : 4)
     route_segment_kernel(RouteConfig c, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
                          int lpg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
   constexpr int kPad = S * V, kTokensPerWarp = 32 / S;
@@ -397,7 +413,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
   auto* scratch = reinterpret_cast<SegmentScratch<S, V>*>(smem + kPad * (kAux ? 2 : 1));
   const int E = int(c.num_experts);
   for (int e = threadIdx.x; e < kPad; e += blockDim.x) {
-    sbias[bias_slot<S, V>(e)] = e < E ? bias(e) : 0.0f;  // converted once per block
+    sbias[bias_slot<S, V>(e)] = e < E ? bias(e) + 0.0f : 0.0f;  // once per block; never -0.0 (rank_key_no_neg_zero)
     if constexpr (kAux) counts[e] = 0;
   }
   __syncthreads();
@@ -479,11 +495,11 @@ __device__ void aux_token_thread(const AuxConfig& a, const float (&xv)[V], int E
     num[i] = i < E ? (softmax ? expf(xv[i] - mx) : elementwise_score(a.score_function, xv[i])) : 0.0f;
     total += num[i];
   }
-  const float denom = softmax ? total : total + kEps;  // as CleanStats
+  const float inv_denom = 1.0f / (softmax ? total : total + kEps);  // as CleanStats
   uint32_t key[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const float s = num[i] / denom;
+    const float s = num[i] * inv_denom;
     if (i < E) colsum[i] += s;
     key[i] = i < E ? rank_key(s) : kExcluded;
   }
@@ -514,7 +530,7 @@ __device__ void route_token_thread(const RouteConfig& c, const AuxConfig& a, con
   for (int i = 0; i < V; ++i) {
     const float s = softmax ? expf(xv[i] - mx) / sum : elementwise_score(c.score_function, xv[i]);
     val[i] = carried_value(c, xv[i], s);
-    key[i] = i < E ? rank_key(val[i] + sbias[i]) : kExcluded;
+    key[i] = i < E ? rank_key_no_neg_zero(val[i] + sbias[i]) : kExcluded;
   }
   for (int j = 0; j < c.topk; ++j) {
     const int bi = take_best<V>(key);
@@ -537,7 +553,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   __shared__ int counts[V];
   __shared__ float partial[kAux ? kThreads * V : 1];  // partial[thread][expert], read expert-major below
   if (threadIdx.x < V) {
-    sbias[threadIdx.x] = threadIdx.x < c.num_experts ? bias(threadIdx.x) : 0.0f;
+    sbias[threadIdx.x] = threadIdx.x < c.num_experts ? bias(threadIdx.x) + 0.0f : 0.0f;  // never -0.0
     counts[threadIdx.x] = 0;
   }
   __syncthreads();
@@ -750,8 +766,19 @@ void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLo
                     float* w, int32_t* idx) {
   constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
   static_assert(smem <= 48 * 1024, "the segment path must fit the default shared memory limit");
-  route_segment_kernel<In, S, V, kAux><<<l.grid(T, kWarpsPerBlock * 32 / S), kWarpsPerBlock * 32, smem, l.stream>>>(
-      c, static_cast<const typename In::storage*>(x), bias, T, lpg, w, idx, kAux ? *l.aux : AuxArgs{});
+  const auto kernel = route_segment_kernel<In, S, V, kAux>;
+  // At most one resident wave: the blocks' setup (the bias in shared memory) is then paid once per
+  // block slot, and every warp routes about as many tokens as the others. (The aux variant's grid is
+  // its workspace's block count.)
+  static const int resident = [&] {
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarpsPerBlock * 32, smem);
+    return n > 0 ? n : 1;
+  }();
+  unsigned grid = l.grid(T, kWarpsPerBlock * 32 / S);
+  if (!kAux) grid = std::min(grid, unsigned(resident * l.dev.sm_count));
+  kernel<<<grid, kWarpsPerBlock * 32, smem, l.stream>>>(c, static_cast<const typename In::storage*>(x), bias, T, lpg,
+                                                        w, idx, kAux ? *l.aux : AuxArgs{});
 }
 
 // Calls f.template operator()<V>() for V in {1, 2, 4, ..., 32}.
