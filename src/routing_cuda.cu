@@ -266,7 +266,9 @@ __device__ GroupChoice choose_group(const SegmentLanes<S>& g, const RouteConfig&
   const uint32_t mine = rank_key(total);
   const int groups = S / lpg, group = g.sl / lpg;
   int rank = 0;
-  for (int o = 1; o < groups; ++o) {
+#pragma unroll
+  for (int o = 1; o < S; ++o) {  // unrolled up to the largest group count; groups is warp-uniform
+    if (o >= groups) break;
     const int other = (group + o) & (groups - 1);
     rank += ranks_before(g.shfl(mine, other * lpg), other, mine, group);
   }
@@ -669,8 +671,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     if constexpr (kAux) {
       route_aux_bwd_row<Lanes, In>(L, c, aux_f, xr, ir, dwr, dscale, dxr);
     } else if (sparse) {  // only the chosen experts get a gradient: zero the row, then write them
+      zero_row(L, dxr, E);  // first: its stores need nothing the loads below bring
       const RouteRowGrad<In> r = route_row_grad<Lanes, In>(L, c, xr, ir, dwr);
-      zero_row(L, dxr, E);
       L.sync();
       for (int64_t j = L.lane; j < k; j += L.nlanes)
         if (r.chosen_valid(j)) dxr[ir[j]] = In::from_float(r.chosen(j));
