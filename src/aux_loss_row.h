@@ -46,13 +46,13 @@ struct RowSums {
     float mc = m;  // fmaxf skips NaN: a NaN reaches the sums instead
 #pragma unroll
     for (int j = 0; j < N; ++j) mc = fmaxf(mc, x[j]);
-    const float c = mc == m ? 1.0f : expf(m - mc);  // 0 while m is -inf
+    const float c = mc == m ? 1.0f : fast_exp(m - mc);  // 0 while m is -inf
     sum *= c;
     dot *= c;
     m = mc;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const float q = x[j] == -INFINITY ? 0.0f : expf(x[j] - m);  // no -inf - -inf
+      const float q = x[j] == -INFINITY ? 0.0f : fast_exp(x[j] - m);  // no -inf - -inf
       sum += q;
       dot += q * v(e0 + j);
     }
@@ -73,7 +73,7 @@ struct RowSums {
   template <class Lanes>
   MOE_HD RowSums reduce_softmax(const Lanes& L) const {
     const float M = L.max(m);
-    const float c = m == -INFINITY ? 0.0f : expf(m - M);
+    const float c = m == -INFINITY ? 0.0f : fast_exp(m - M);
     RowSums r{M, L.sum(sum * c), L.sum(dot * c)};
     if (!(M > -INFINITY && M < INFINITY)) r.sum = NAN;
     return r;
@@ -115,12 +115,12 @@ MOE_HD float clean_dot(const Lanes& L, ScoreFunction f, const typename In::stora
 // with h = g / (S + ε) - Σ g a / (S + ε)².
 struct CleanGrad {
   ScoreFunction f;
-  float m, sum;   // softmax: the row maximum and Σ exp(x - m)
-  float gp;       // softmax: Σ g p
-  RenormGrad rg;  // elementwise scores: h(g)
+  float m, inv_sum;  // softmax: the row maximum and 1 / Σ exp(x - m)
+  float gp;          // softmax: Σ g p
+  RenormGrad rg;     // elementwise scores: h(g)
 
   MOE_HD float dx(float x, float g) const {
-    if (f == ScoreFunction::kSoftmax) return expf(x - m) / sum * (g - gp);
+    if (f == ScoreFunction::kSoftmax) return fast_exp(x - m) * inv_sum * (g - gp);
     return rg.h(g) * elementwise_score_grad(f, x, elementwise_score(f, x));
   }
 };
@@ -128,7 +128,7 @@ struct CleanGrad {
 template <class Lanes, class In, class G>
 MOE_HD CleanGrad clean_grad(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, G g) {
   const RowSums r = row_sums<Lanes, In>(L, f, x, n, g);
-  return {f, r.m, r.sum, r.dot / r.sum, renorm_grad(true, r.sum, r.dot)};
+  return {f, r.m, 1.0f / r.sum, r.dot / r.sum, renorm_grad(true, r.sum, r.dot)};
 }
 
 // d logits of one row given d scores g(e), written to every dx[e].

@@ -128,6 +128,19 @@ struct F16 {
 };
 
 // ---------------------------------------------------------- score functions
+// e^x for the streaming softmax sums of the aux loss. On the GPU the flush-to-zero approximation of
+// 2^(x log2 e): two instructions instead of ~10 for expf, relative error about 2^-22 plus |x| times
+// the rounding of x log2 e (under 1e-6 where e^x matters next to a row's maximum term, 1); e^-inf = 0.
+MOE_HD float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * 1.4426950408889634f));
+  return e;
+#else
+  return expf(x);
+#endif
+}
+
 MOE_HD float sigmoid(float x) {
 #ifdef __CUDA_ARCH__
   // Four instructions (the IEEE forms take ~25): the flush-to-zero approximations of 2^y and 1/y
