@@ -108,15 +108,14 @@ ffi::Error aux_logits_bwd(ffi::AnyBuffer logits, ffi::AnyBuffer tpe, ffi::AnyBuf
   auto shapes = check_aux_logits_bwd(logits, tpe, buf, g, *dlogits, score_function);
   if (shapes.has_error()) return shapes.error();
   const RowShapes s = *shapes;
-  const Counts w = s.tpe;
-  const float scale = buf.typed_data<float>()[0] * g.typed_data<float>()[0];
+  const ScaledCounts dscores{s.tpe, buf.typed_data<float>()[0] * g.typed_data<float>()[0]};
   return dispatch_float(s.dtype, [&]<class In>() {
     using S = typename In::storage;
     const auto* x = static_cast<const S*>(logits.untyped_data());
     auto* dx = static_cast<S*>(dlogits->untyped_data());
     for (int64_t t = 0; t < s.tokens; ++t)
-      clean_scores_bwd_row<SerialLanes, In>(SerialLanes{}, s.f, x + t * s.experts, s.experts,
-                                            [&](int64_t e) { return scale * w(e); }, dx + t * s.experts);
+      clean_scores_bwd_row<SerialLanes, In>(SerialLanes{}, s.f, x + t * s.experts, s.experts, dscores,
+                                            dx + t * s.experts);
     return ffi::Error::Success();
   });
 }

@@ -213,10 +213,9 @@ __global__ void __launch_bounds__(kRowThreads)
                           typename In::storage* __restrict__ dx) {
   using R = RowGroup<W>;
   const auto L = R::lanes();
-  const float scale = buf[0] * g[0];
+  const ScaledCounts dscores{tpe, buf[0] * g[0]};
   for (int64_t t = R::first(); t < T; t += R::stride())
-    clean_scores_bwd_row<GroupLanes<W>, In>(L, f, x + t * E, E, [&](int64_t e) { return scale * tpe(e); },
-                                            dx + t * E);
+    clean_scores_bwd_row<GroupLanes<W>, In>(L, f, x + t * E, E, dscores, dx + t * E);
 }
 
 // ------------------------------------------------------------------ launch

@@ -20,6 +20,42 @@ struct Counts {
   MOE_HD float operator()(int64_t i) const { return convert(static_cast<const float*>(data)[i]); }
 };
 
+// Counts times a factor: the d scores of the aux loss, scale · tpe[e].
+struct ScaledCounts {
+  Counts counts;
+  float scale;
+  MOE_HD float operator()(int64_t i) const { return scale * counts(i); }
+};
+
+// A chunk of counts: with 16-byte loads on the GPU where aligned (a load per element costs the
+// streaming kernels more L1 traffic than the row itself).
+template <int N>
+MOE_HD void weights_at(const Counts& c, int64_t e0, float (&w)[N]) {
+  const float* p = static_cast<const float*>(c.data) + e0;
+#ifdef __CUDA_ARCH__
+  if constexpr (N % 4 == 0) {
+    if (aligned16(p)) {
+#pragma unroll
+      for (int q = 0; q < N / 4; ++q) {
+        const float4 f = reinterpret_cast<const float4*>(p)[q];
+        w[4 * q] = c.convert(f.x), w[4 * q + 1] = c.convert(f.y);
+        w[4 * q + 2] = c.convert(f.z), w[4 * q + 3] = c.convert(f.w);
+      }
+      return;
+    }
+  }
+#endif
+#pragma unroll
+  for (int j = 0; j < N; ++j) w[j] = c.convert(p[j]);
+}
+
+template <int N>
+MOE_HD void weights_at(const ScaledCounts& c, int64_t e0, float (&w)[N]) {
+  weights_at(c.counts, e0, w);
+#pragma unroll
+  for (int j = 0; j < N; ++j) w[j] *= c.scale;
+}
+
 // ------------------------------------------------------------ clean scores
 // The aux loss's scores of a row (SPEC §2): softmax(x), or a(x) / (Σ_E a + ε) with a = sigmoid or
 // sqrtsoftplus: s_e = numerator(x_e) · (1 / denominator), a multiplication per element where a
@@ -50,21 +86,25 @@ struct RowSums {
     sum *= c;
     dot *= c;
     m = mc;
+    float w[N];
+    weights_at(v, e0, w);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const float q = x[j] == -INFINITY ? 0.0f : fast_exp(x[j] - m);  // no -inf - -inf
       sum += q;
-      dot += q * v(e0 + j);
+      dot += q * w[j];
     }
   }
 
   template <int N, class V>
   MOE_HD void add_elementwise(ScoreFunction f, int64_t e0, const float (&x)[N], V v) {
+    float w[N];
+    weights_at(v, e0, w);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const float q = elementwise_score(f, x[j]);
       sum += q;
-      dot += q * v(e0 + j);
+      dot += q * w[j];
     }
   }
 
@@ -136,7 +176,7 @@ template <class Lanes, class In, class G>
 MOE_HD void clean_scores_bwd_row(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, G g,
                                  typename In::storage* dx) {
   const CleanGrad cg = clean_grad<Lanes, In>(L, f, x, n, g);
-  map_row<Lanes, In, In>(L, x, n, dx, [&](int64_t e, float xe) { return cg.dx(xe, g(e)); });
+  map_row_weighted<Lanes, In, In>(L, x, n, dx, g, [&](float xe, float ge) { return cg.dx(xe, ge); });
 }
 
 // ------------------------------------------------------------------ top-k

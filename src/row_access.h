@@ -70,6 +70,14 @@ MOE_HD void for_row(const Lanes& L, const typename In::storage* x, int64_t n, F 
   }
 }
 
+// w[j] = v(e0 + j) for a chunk of per-expert weights; types with a faster way to read a chunk
+// overload it (Counts: 16-byte loads).
+template <int N, class V>
+MOE_HD void weights_at(const V& v, int64_t e0, float (&w)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) w[j] = v(e0 + j);
+}
+
 // out[e] = Out::from_float(f(e, x_e)) for the elements this lane owns (the same share as for_row).
 template <class Lanes, class In, class Out, class F>
 MOE_HD void map_row(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out, F f) {
@@ -87,6 +95,28 @@ MOE_HD void map_row(const Lanes& L, const typename In::storage* x, int64_t n, ty
     store_chunk(out + c * V, out_aligned, o);
   }
   for (int64_t e = chunks * V + L.lane; e < n; e += L.nlanes) out[e] = Out::from_float(f(e, In::to_float(x[e])));
+}
+
+// out[e] = Out::from_float(f(x_e, v(e))): map_row with a per-expert weight read a chunk at a time.
+template <class Lanes, class In, class Out, class V, class F>
+MOE_HD void map_row_weighted(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out,
+                             const V& v, F f) {
+  using S = typename In::storage;
+  using O = typename Out::storage;
+  constexpr int N = chunk_elems<S>();
+  const int64_t chunks = n / N;
+  const bool aligned = aligned16(x), out_aligned = aligned16(out);
+  for (int64_t c = L.lane; c < chunks; c += L.nlanes) {
+    S xs[N];
+    float w[N];
+    alignas(16) O o[N];
+    load_chunk(x + c * N, aligned, xs);
+    weights_at(v, c * N, w);
+#pragma unroll
+    for (int j = 0; j < N; ++j) o[j] = Out::from_float(f(In::to_float(xs[j]), w[j]));
+    store_chunk(out + c * N, out_aligned, o);
+  }
+  for (int64_t e = chunks * N + L.lane; e < n; e += L.nlanes) out[e] = Out::from_float(f(In::to_float(x[e]), v(e)));
 }
 
 }  // namespace jax_moe
