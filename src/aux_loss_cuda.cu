@@ -91,6 +91,7 @@ __global__ void empty_loss_kernel(LossOut out) { out.write(0.0f); }
 // Row kernels: 8 warps a block; each warp works on 32 / W rows at a time, W lanes a row (row_lanes).
 constexpr int kRowWarps = kSumWarps;
 constexpr int kRowThreads = kSumThreads;
+
 template <int W>
 using RowGroup = RowGroupOf<W, kRowWarps>;
 

@@ -48,10 +48,6 @@ struct AuxArgs {
 constexpr int kChunks = 4;    // chunk maxima per lane
 constexpr int kMaxSegmentTopk = 32;
 
-// Per-warp shared memory of the segment path. Element i of warp lane l lives at [i / 4][l][i % 4]:
-// the 16-byte accesses of a warp's lanes are then contiguous, free of bank conflicts. After the last
-// token, the aux variant keeps each lane's clean-score column sums where its keys were. The rows of
-// cand and pick are padded so that the segments' rows start on different banks.
 // A candidate of segment_topk as one 64-bit number that is larger where the candidate ranks first:
 // the key above the complement of the expert (the lower expert wins a tie).
 __device__ uint64_t packed_cand(uint32_t key, int expert) { return (uint64_t(key) << 32) | uint32_t(~expert); }
@@ -61,6 +57,10 @@ __device__ int packed_expert(uint64_t c) { return int(~uint32_t(c)); }
 // multiple of 4, read 4 at a time; 36 entries put the segments' rows on different banks.
 constexpr int kCandRow = kMaxSegmentTopk + 4;
 
+// Per-warp shared memory of the segment path. Element i of warp lane l lives at [i / 4][l][i % 4]:
+// the 16-byte accesses of a warp's lanes are then contiguous, free of bank conflicts. After the last
+// token, the aux variant keeps each lane's clean-score column sums where its keys were. The rows of
+// cand and pick are padded so that the segments' rows start on different banks.
 template <int S, int V>
 struct SegmentScratch {
   union {
@@ -644,14 +644,15 @@ template <class Lanes, class S>
 __device__ void zero_row(const Lanes& L, S* row, int64_t n) {
   constexpr int kPerVector = 16 / sizeof(S);
   if (n % kPerVector == 0 && aligned16(row)) {
-    for (int64_t i = L.lane; i < n / kPerVector; i += L.nlanes) reinterpret_cast<uint4*>(row)[i] = make_uint4(0, 0, 0, 0);
+    auto* vectors = reinterpret_cast<uint4*>(row);
+    for (int64_t i = L.lane; i < n / kPerVector; i += L.nlanes) vectors[i] = make_uint4(0, 0, 0, 0);
   } else {
     for (int64_t e = L.lane; e < n; e += L.nlanes) row[e] = S(0);
   }
 }
 
-// W lanes a token (bwd_lanes): with few experts, a warp works on several tokens at once, so that the
-// topk-long parts of the backward keep its lanes busy. Rows of at most 32 experts: one thread a token.
+// W lanes a token (dispatch_bwd_lanes): with few experts a warp works on several tokens at once, so that
+// the topk-long parts of the backward keep its lanes busy; rows of at most 32 experts take a thread each.
 template <class In, int W, bool kAux>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_bwd_kernel(RouteConfig c, ScoreFunction aux_f, const typename In::storage* __restrict__ x,
