@@ -321,12 +321,20 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// d weights of up to this many pairs of a token are reduced together: one barrier per token where a
-// reduction per pair would take two.
-constexpr int kDotsPerPass = 32;
+// Sum of one float per thread of the block, in a fixed order; the result is valid in thread 0.
+__device__ float block_sum(float v) {
+  __shared__ float partial[kRowThreads / 32];
+  for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.0f;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kRowThreads / 32; ++w) total += partial[w];
+  __syncthreads();  // partial is reused by the next call
+  return total;
+}
 
 // Unpermute backward: d y_sorted[pos(t, j)] = w(t, j) · dy[t], d w(t, j) = <dy[t], y_sorted[pos(t, j)]>.
-// Each dot product is summed within the warps, then across the warps in warp order (deterministic).
 template <class In, int N>
 __global__ void __launch_bounds__(kRowThreads)
     unpermute_bwd_kernel(RowArgs a, const typename In::storage* __restrict__ dy,
@@ -334,46 +342,32 @@ __global__ void __launch_bounds__(kRowThreads)
                          const void* __restrict__ weights, Dtype w_dtype, typename In::storage* __restrict__ dys,
                          void* __restrict__ dweights) {
   using S = typename In::storage;
-  constexpr int kWarps = kRowThreads / 32;
-  __shared__ float warp_dots[kDotsPerPass][kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t packets = a.hidden / N;
   for (int64_t bt = blockIdx.x; bt < a.batches * a.tokens; bt += gridDim.x) {
     const int64_t b = bt / a.tokens, t = bt % a.tokens;
     const S* g = dy + bt * a.hidden;
-    for (int64_t j0 = 0; j0 < a.topk; j0 += kDotsPerPass) {
-      const int jn = int(a.topk - j0 < kDotsPerPass ? a.topk - j0 : kDotsPerPass);
-      for (int jj = 0; jj < jn; ++jj) {
-        const int64_t j = j0 + jj;
-        const int32_t r = __ldg(pos + b * a.pairs + t * a.topk + j);
-        float dot = 0.0f;
-        if (r >= 0 && r < a.pairs) {  // uniform over the block
-          const float w = load_float(weights, bt * a.topk + j, w_dtype);
-          const int64_t row = (b * a.pairs + r) * a.hidden;
+    for (int64_t j = 0; j < a.topk; ++j) {
+      const int32_t r = __ldg(pos + b * a.pairs + t * a.topk + j);
+      float dot = 0.0f;
+      if (r >= 0 && r < a.pairs) {  // uniform over the block
+        const float w = load_float(weights, bt * a.topk + j, w_dtype);
+        const int64_t row = (b * a.pairs + r) * a.hidden;
 #pragma unroll 2
-          for (int64_t v = threadIdx.x; v < packets; v += blockDim.x) {
-            const Packet<S, N> gp = load_packet<S, N>(g + v * N);
-            const Packet<S, N> yp = load_packet<S, N>(ys + row + v * N);
-            Packet<S, N> res;
+        for (int64_t v = threadIdx.x; v < packets; v += blockDim.x) {
+          const Packet<S, N> gp = load_packet<S, N>(g + v * N);
+          const Packet<S, N> yp = load_packet<S, N>(ys + row + v * N);
+          Packet<S, N> res;
 #pragma unroll
-            for (int i = 0; i < N; ++i) {
-              const float gi = In::to_float(gp.v[i]);
-              dot = fmaf(gi, In::to_float(yp.v[i]), dot);
-              res.v[i] = In::from_float(w * gi);
-            }
-            store_packet<S, N>(dys + row + v * N, res);
+          for (int i = 0; i < N; ++i) {
+            const float gi = In::to_float(gp.v[i]);
+            dot = fmaf(gi, In::to_float(yp.v[i]), dot);
+            res.v[i] = In::from_float(w * gi);
           }
+          store_packet<S, N>(dys + row + v * N, res);
         }
-        for (int off = 16; off; off >>= 1) dot += __shfl_xor_sync(kFull, dot, off);
-        if (lane == 0) warp_dots[jj][warp] = dot;
       }
-      __syncthreads();
-      if (threadIdx.x < jn) {
-        float total = 0.0f;
-        for (int w = 0; w < kWarps; ++w) total += warp_dots[threadIdx.x][w];
-        store_float(dweights, bt * a.topk + j0 + threadIdx.x, total, w_dtype);
-      }
-      __syncthreads();  // warp_dots is reused by the next pass
+      dot = block_sum(dot);
+      if (threadIdx.x == 0) store_float(dweights, bt * a.topk + j, dot, w_dtype);
     }
   }
 }
