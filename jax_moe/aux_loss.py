@@ -54,6 +54,8 @@ def aux_loss_scores(logits, topk: int, *, score_function: str = "softmax"):
         summed with psum; logits are never gathered). Inside shard_map they are the local counts: sum
         them with jax.lax.psum, or count with tokens_per_expert(..., axis_name=...).
       * under vmap, each batch element gets its own counts ([B, E]); the kernel runs once per element.
+      * the kernels form a score as numerator · (1 / denominator) in float32, within an ulp of the
+        quotient: a division per expert would cost the GPU kernels several times more.
     """
     logits = _check_float(logits, "logits")
     topk = checks.topk_in_range(topk, logits.shape[-1])
