@@ -143,12 +143,11 @@ MOE_HD float fast_exp(float x) {
 
 MOE_HD float sigmoid(float x) {
 #ifdef __CUDA_ARCH__
-  // Four instructions (the IEEE forms take ~25): the flush-to-zero approximations of 2^y and 1/y
-  // (2 and 1 ulp). Subnormals cannot change the result: 2^y only flushes where 1 + 2^y rounds
-  // to 1, and 1 + 2^y >= 1 is never subnormal.
-  float e, r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * -1.4426950408889634f));
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
+  // Four instructions (the IEEE forms take ~25): fast_exp and the flush-to-zero approximation of 1/y
+  // (1 ulp). Subnormals cannot change the result: e^-x only flushes where 1 + e^-x rounds to 1, and
+  // 1 + e^-x >= 1 is never subnormal.
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + fast_exp(-x)));
   return r;
 #else
   return 1.0f / (1.0f + expf(-x));

@@ -78,45 +78,49 @@ MOE_HD void weights_at(const V& v, int64_t e0, float (&w)[N]) {
   for (int j = 0; j < N; ++j) w[j] = v(e0 + j);
 }
 
+// out[e0 + j] = Out::from_float(y[j]) where f(e0, xv, y) fills y from each piece xv of this lane's share
+// of the row (for_row's pieces: whole chunks, written with 16-byte stores where aligned, then single
+// elements).
+template <class Lanes, class In, class Out, class F>
+MOE_HD void map_row_pieces(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out,
+                           F f) {
+  using O = typename Out::storage;
+  const bool out_aligned = aligned16(out);
+  for_row<Lanes, In>(L, x, n, [&](int64_t e0, const auto& xv) {
+    constexpr int N = int(sizeof(xv) / sizeof(float));
+    float y[N];
+    f(e0, xv, y);
+    alignas(16) O o[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) o[j] = Out::from_float(y[j]);
+    if constexpr (N == 1) {
+      out[e0] = o[0];
+    } else {
+      store_chunk(out + e0, out_aligned, o);
+    }
+  });
+}
+
 // out[e] = Out::from_float(f(e, x_e)) for the elements this lane owns (the same share as for_row).
 template <class Lanes, class In, class Out, class F>
 MOE_HD void map_row(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out, F f) {
-  using S = typename In::storage;
-  using O = typename Out::storage;
-  constexpr int V = chunk_elems<S>();
-  const int64_t chunks = n / V;
-  const bool aligned = aligned16(x), out_aligned = aligned16(out);
-  for (int64_t c = L.lane; c < chunks; c += L.nlanes) {
-    S v[V];
-    alignas(16) O o[V];
-    load_chunk(x + c * V, aligned, v);
+  map_row_pieces<Lanes, In, Out>(L, x, n, out, [&](int64_t e0, const auto& xv, auto& y) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) o[j] = Out::from_float(f(c * V + j, In::to_float(v[j])));
-    store_chunk(out + c * V, out_aligned, o);
-  }
-  for (int64_t e = chunks * V + L.lane; e < n; e += L.nlanes) out[e] = Out::from_float(f(e, In::to_float(x[e])));
+    for (int j = 0; j < int(sizeof(xv) / sizeof(float)); ++j) y[j] = f(e0 + j, xv[j]);
+  });
 }
 
-// out[e] = Out::from_float(f(x_e, v(e))): map_row with a per-expert weight read a chunk at a time.
+// out[e] = Out::from_float(f(x_e, v(e))): map_row with a per-expert weight read a piece at a time.
 template <class Lanes, class In, class Out, class V, class F>
 MOE_HD void map_row_weighted(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out,
                              const V& v, F f) {
-  using S = typename In::storage;
-  using O = typename Out::storage;
-  constexpr int N = chunk_elems<S>();
-  const int64_t chunks = n / N;
-  const bool aligned = aligned16(x), out_aligned = aligned16(out);
-  for (int64_t c = L.lane; c < chunks; c += L.nlanes) {
-    S xs[N];
+  map_row_pieces<Lanes, In, Out>(L, x, n, out, [&](int64_t e0, const auto& xv, auto& y) {
+    constexpr int N = int(sizeof(xv) / sizeof(float));
     float w[N];
-    alignas(16) O o[N];
-    load_chunk(x + c * N, aligned, xs);
-    weights_at(v, c * N, w);
+    weights_at(v, e0, w);
 #pragma unroll
-    for (int j = 0; j < N; ++j) o[j] = Out::from_float(f(In::to_float(xs[j]), w[j]));
-    store_chunk(out + c * N, out_aligned, o);
-  }
-  for (int64_t e = chunks * N + L.lane; e < n; e += L.nlanes) out[e] = Out::from_float(f(In::to_float(x[e]), v(e)));
+    for (int j = 0; j < N; ++j) y[j] = f(xv[j], w[j]);
+  });
 }
 
 }  // namespace jax_moe
