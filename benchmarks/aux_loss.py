@@ -9,7 +9,9 @@
 3. route_with_aux_loss (DeepSeek-V3 config, T=16384 bf16) vs jax_moe.route
    alone (target <= 1.5x route) and vs the pure-JAX composition.
 fwd+bwd = jit(value_and_grad) w.r.t. probs / logits. Min bytes: fwd reads
-the input and tpe and writes the scalar; fwd+bwd also writes the gradient.
+the input and tpe and writes the scalar; fwd+bwd also writes the gradient,
+and for from_logits reads the logits again: d logits depends on them, and
+the cotangent only exists after the forward has read them once.
 
     python3 benchmarks/aux_loss.py          # JAX_MOE_BENCH_SMOKE=1 for CPU
 """
@@ -97,7 +99,8 @@ def bench_path(path, impls, kw, probs, key):
         for dt in DTYPES:
             isz = jnp.dtype(dt).itemsize
             fwd_bytes = T * e * isz + e * 4 + 4
-            bytes_ = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + T * e * isz}
+            bwd_passes = 1 if probs else 2  # write d probs | read logits, write d logits
+            bytes_ = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + bwd_passes * T * e * isz}
             key, sub = jax.random.split(key)
             sets = common.make_sets(
                 lambda kk: make_inputs(kk, T, e, dt, probs), sub)

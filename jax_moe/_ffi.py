@@ -8,6 +8,7 @@ sharding rule, so the op composes with jit, grad, vmap and shard_map.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -132,6 +133,39 @@ class TokenParallel:
         return per_shard, args, results
 
 
+class TokensFromResults:
+    """Sharding of a kernel whose results [tokens, ...] come from replicated operands only (e.g. a
+    backward that writes one row on every token), with the token count in its static parameter `param`.
+
+    No operand has the token dimension, so the Shardy rule gives it to the results alone: XLA's
+    propagation shards it as the results' users want it (e.g. the other operand of an elementwise op,
+    or the jit's out_shardings), and each shard binds the kernel with its own token count, writing
+    only its rows. With nothing to follow, the results stay replicated (every device writes them all).
+    """
+
+    def __init__(self, param: str):
+        self.param = param
+
+    def rule(self, operand_ranks, result_ranks) -> SdyShardingRule:
+        operands = tuple(tuple(f"o{i}_{d}" for d in range(r)) for i, r in enumerate(operand_ranks))
+        results = tuple(("t", *(f"r{i}_{d}" for d in range(1, r))) for i, r in enumerate(result_ranks))
+        whole = tuple(f for factors in operands + results for f in factors if f != "t")
+        return SdyShardingRule(operands, results, need_replication_factors=whole)
+
+    def partition(self, mesh, arg_shapes, result_shapes, run):
+        """(per-shard function, argument shardings, result shardings) for the results' token sharding."""
+        tokens = (tuple(result_shapes[0].sharding.spec) + (None,))[0]
+        axes = tokens if isinstance(tokens, tuple) else () if tokens is None else (tokens,)
+        shards = math.prod(mesh.shape[a] for a in axes)
+        local = -(-result_shapes[0].shape[0] // shards)  # XLA pads uneven shards
+        results = [NamedSharding(mesh, PartitionSpec(tokens, *(None,) * (r.ndim - 1))) for r in result_shapes]
+
+        def per_shard(*args):
+            return run(*args, **{self.param: local})
+
+        return per_shard, [NamedSharding(mesh, PartitionSpec())] * len(arg_shapes), results
+
+
 # ---------------------------------------------------------------- primitives
 def _attributes(params: dict) -> dict:
     # Python floats would become f64 attributes; the handlers decode float32.
@@ -145,7 +179,7 @@ def _no_cuda_kernels(ctx, *args, **params):
     )
 
 
-def _local_primitive(target: str, abstract_eval: Callable) -> Primitive:
+def _local_primitive(target: str, abstract_eval: Callable, shape_params: frozenset) -> Primitive:
     """The FFI call itself, on whatever (local) shapes it is given."""
     prim = Primitive(f"{target}_local")
     prim.multiple_results = True
@@ -154,7 +188,8 @@ def _local_primitive(target: str, abstract_eval: Callable) -> Primitive:
     ffi_rule = jax.ffi.ffi_lowering(target)
 
     def lowering(ctx, *args, **params):
-        return ffi_rule(ctx, *args, **_attributes(params))
+        attributes = {k: v for k, v in params.items() if k not in shape_params}
+        return ffi_rule(ctx, *args, **_attributes(attributes))
 
     mlir.register_lowering(prim, lowering, platform="cpu")
     mlir.register_lowering(prim, lowering if _jax_moe_cuda else _no_cuda_kernels, platform="cuda")
@@ -166,8 +201,8 @@ def _ranks(types) -> list[int]:
 
 
 def _bind_fn(local: Primitive, kwargs: dict):
-    def run(*args):
-        return tuple(local.bind(*args, **kwargs))
+    def run(*args, **per_shard):  # per_shard: parameters that differ on a shard (TokensFromResults)
+        return tuple(local.bind(*args, **{**kwargs, **per_shard}))
 
     return run
 
@@ -203,15 +238,18 @@ def kernel_primitive(
     target: str,
     abstract_eval: Callable,
     batch_rule: Callable,
-    sharding: TokenParallel | None = None,
+    sharding: TokenParallel | TokensFromResults | None = None,
+    shape_params: Sequence[str] = (),
 ) -> Primitive:
     """A primitive for the FFI target `target` (registered for CPU and, if built, CUDA).
 
     abstract_eval(*avals, **params) -> output avals; batch_rule(prim, args, dims, **params) is a
     vmap rule that must handle every batch dimension; `sharding` (optional) lets the kernel run
-    per shard under jit with sharded inputs instead of gathering them.
+    per shard under jit with sharded inputs instead of gathering them. Parameters named in
+    `shape_params` only shape the outputs (for abstract_eval): they are not passed to the kernel,
+    which reads them from its output buffers.
     """
-    local = _local_primitive(target, abstract_eval)
+    local = _local_primitive(target, abstract_eval, frozenset(shape_params))
     prim = Primitive(target)
     prim.multiple_results = True
     prim.def_impl(functools.partial(xla.apply_primitive, prim))

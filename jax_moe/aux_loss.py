@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks as checks
-from ._ffi import TokenParallel, batch_as_tokens, batch_per_call, kernel_primitive, reduced_aval
+from ._ffi import (TokenParallel, TokensFromResults, batch_as_tokens, batch_per_call, derived_aval, kernel_primitive,
+                   reduced_aval)
 
 _WORKSPACE = 1025  # kSumWorkspace in aux_loss_row.h: stage-1 partials and a block counter
 
@@ -88,6 +89,10 @@ def aux_loss(probs, tokens_per_expert, *, topk: int, coeff: float, num_experts: 
       * under jit with probs sharded along tokens, each shard sums its rows and the float32 partial
         losses are added with psum, so the result matches the unsharded loss to float32 rounding (the
         order of the sum differs), not bit for bit.
+      * the backward writes d probs from the saved coefficient and counts alone (probs is not kept). Under
+        jit it is written sharded along tokens as its users need it (e.g. the router's backward of
+        token-sharded logits, or out_shardings), each device writing only its rows; returned from jit
+        with no sharding asked for, it is replicated.
     """
     probs = _check_float(probs, "probs")
     if probs.ndim != 2:
@@ -102,7 +107,7 @@ def aux_loss(probs, tokens_per_expert, *, topk: int, coeff: float, num_experts: 
     axes = checks.axis_names(axis_name)
     tokens = checks.total_tokens(total_num_tokens, probs.shape[0], axes)
     c_coeff = loss_coefficient(num_experts, coeff, topk, tokens)
-    loss, partial = _loss(probs, tpe, c_coeff, (probs.shape, probs.dtype))
+    loss, partial = _loss(probs, tpe, c_coeff, (probs.shape[0], probs.dtype))
     if axes:  # add the shards' float32 partial losses, then round
         return jax.lax.psum(partial, axes).astype(probs.dtype)
     return loss
@@ -209,8 +214,8 @@ _aux_scores.defvjp(_aux_scores_fwd, _aux_scores_bwd)
 
 
 # Returns (the loss in probs' dtype, the float32 loss): the kernel writes both, the caller uses one (the
-# second to psum over shards before rounding). `like` = (probs.shape, probs.dtype): what the backward
-# broadcasts to, without keeping probs alive.
+# second to psum over shards before rounding). `like` = (probs.shape[0], probs.dtype): the rows the
+# backward writes, without keeping probs alive.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _loss(probs, tpe, c_coeff: float, like):
     loss, buf, _ = aux_loss_fwd_p.bind(probs, tpe, coeff=c_coeff)
@@ -225,9 +230,11 @@ def _loss_fwd(probs, tpe, c_coeff, like):
 def _loss_bwd(c_coeff, like, residuals, cotangents):
     buf, tpe = residuals
     g = cotangents[0].astype(jnp.float32) + cotangents[1]
-    shape, dtype = like
-    # One broadcast that XLA fuses into a single kernel writing d probs in probs' dtype.
-    dprobs = jnp.broadcast_to(buf[0] * g * tpe.astype(jnp.float32), shape).astype(dtype)
+    tokens, dtype = like
+    # One kernel writes every row of d probs, (buf[0] · g) · tpe[c] rounded once to probs' dtype: bit for
+    # bit the broadcast jnp formula, at full bandwidth in bf16 too. Under jit each shard writes only its
+    # rows, sharded as d probs' users want it (TokensFromResults).
+    (dprobs,) = aux_loss_bwd_p.bind(buf, tpe, g, tokens=tokens, dtype=dtype)
     return dprobs, _zero_cotangent(tpe)
 
 
@@ -278,6 +285,11 @@ def _logits_loss_abstract(logits, tpe, **params):
     return _loss_abstract(logits, loss_dtype=jnp.float32)
 
 
+def _dprobs_abstract(buf, tpe, g, *, tokens, dtype):
+    """d probs [tokens, C]: computed from the buffer, so varying where probs (hence the buffer) varies."""
+    return (derived_aval(buf, (tokens, tpe.shape[0]), dtype),)
+
+
 def _logits_bwd_batch(prim, args, dims, **params):
     logits, *shared = args
     if all(d is None for d in dims[1:]):  # tpe, buffer and cotangent shared: more tokens
@@ -300,5 +312,7 @@ aux_loss_fwd_p = kernel_primitive("jax_moe_aux_loss_fwd", _probs_loss_abstract, 
                                   TokenParallel(replicated=(1,), reduced=(0, 1, 2), combine=_combine_loss))
 aux_logits_fwd_p = kernel_primitive("jax_moe_aux_logits_fwd", _logits_loss_abstract, batch_per_call,
                                     TokenParallel(replicated=(1,), reduced=(0, 1, 2), combine=_combine_loss))
+aux_loss_bwd_p = kernel_primitive("jax_moe_aux_loss_bwd", _dprobs_abstract, batch_per_call,
+                                  TokensFromResults("tokens"), shape_params=("tokens", "dtype"))
 aux_logits_bwd_p = kernel_primitive("jax_moe_aux_logits_bwd", _like_logits_abstract, _logits_bwd_batch,
                                     TokenParallel(replicated=(1, 2, 3)))

@@ -79,6 +79,21 @@ ffi::Error aux_loss_fwd(ffi::AnyBuffer probs, ffi::AnyBuffer tpe, ffi::Result<ff
   });
 }
 
+// d probs: the row (buf[0] · g) · tpe[c] in probs' dtype, then copies of it on every other token.
+ffi::Error aux_loss_bwd(ffi::AnyBuffer buf, ffi::AnyBuffer tpe, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dprobs) {
+  auto shapes = check_aux_loss_bwd(buf, tpe, g, *dprobs);
+  if (shapes.has_error()) return shapes.error();
+  const DprobsShapes s = *shapes;
+  if (s.rows == 0) return ffi::Error::Success();
+  const ScaledCounts row{s.tpe, buf.typed_data<float>()[0] * g.typed_data<float>()[0]};
+  return dispatch_float(s.dtype, [&]<class In>() {
+    auto* out = static_cast<typename In::storage*>(dprobs->untyped_data());
+    for (int64_t c = 0; c < s.cols; ++c) out[c] = In::from_float(row(c));
+    for (int64_t t = 1; t < s.rows; ++t) std::copy(out, out + s.cols, out + t * s.cols);
+    return ffi::Error::Success();
+  });
+}
+
 ffi::Error aux_logits_fwd(ffi::AnyBuffer logits, ffi::AnyBuffer tpe, ffi::Result<ffi::AnyBuffer> loss,
                           ffi::Result<ffi::AnyBuffer> buf, ffi::Result<ffi::AnyBuffer> workspace,
                           int64_t score_function, float coeff) {
@@ -145,6 +160,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_loss_fwd_cpu, aux_loss_fwd,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("coeff"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_loss_bwd_cpu, aux_loss_bwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_logits_fwd_cpu, aux_logits_fwd,
                               ffi::Ffi::Bind()

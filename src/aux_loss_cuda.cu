@@ -4,7 +4,9 @@
 // algorithms of aux_loss_row.h with a group of W lanes per token row (W = row_lanes(E): a warp for rows
 // of 32 or more 16-byte chunks, down to 4 lanes, so short rows keep all lanes busy; the scores kernel
 // always uses a warp), 8 warps a block, reading rows with 16-byte loads: the loss forward in one pass
-// over the logits, the backwards in two (statistics, then d logits).
+// over the logits, the backwards in two (statistics, then d logits). The logits backward holds the row
+// in registers between its two passes where it fits (up to 4096 chunks: E = 32768 bf16), so it reads
+// the logits from memory once.
 // Counts: rows of up to kSharedRowExperts experts count into a per-block shared-memory histogram
 // flushed with integer atomics; longer rows use integer atomics on global memory. The counts are
 // zeroed with cudaMemsetAsync first; integer atomics are exact, so counts are deterministic.
@@ -219,6 +221,98 @@ __global__ void __launch_bounds__(kRowThreads)
     clean_scores_bwd_row<GroupLanes<W>, In>(L, f, x + t * E, E, dscores, dx + t * E);
 }
 
+// ----------------------------------------------------- rows held in registers
+// This lane's chunks of a row (for_row's assignment: chunk c to lane c % nlanes), at most R of them,
+// held in registers, so that a backward walking the row twice (its sums, then d logits) reads it from
+// memory once: with many rows in flight the second read would miss the caches. Needs a row of whole,
+// 16-byte aligned chunks (see cached_layout).
+template <class Lanes, class In, int R>
+struct RowInRegisters {
+  using S = typename In::storage;
+  static constexpr int V = chunk_elems<S>();
+  const Lanes& L;
+  int64_t chunks;
+  S v[R][V];
+
+  __device__ RowInRegisters(const Lanes& lanes, const S* x, int64_t n) : L(lanes), chunks(n / V) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)  // all loads first: R in flight per lane
+      if (chunk(i) < chunks) load_chunk(x + chunk(i) * V, true, v[i]);
+  }
+  __device__ int64_t chunk(int i) const { return L.lane + int64_t(i) * L.nlanes; }
+
+  // Calls f(e0, xv) for this lane's chunks, in for_row's order.
+  template <class F>
+  __device__ void walk(F f) const {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if (chunk(i) >= chunks) return;
+      float xv[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) xv[j] = In::to_float(v[i][j]);
+      f(chunk(i) * V, xv);
+    }
+  }
+};
+
+// The whole block on one row, for rows too long for a warp's registers: the Lanes policy's reductions
+// (a warp butterfly, then the warps' results in warp order) through shared memory.
+struct BlockLanes {
+  int lane;
+  float* partials;  // [kRowWarps], shared
+  static constexpr int nlanes = kRowThreads;
+
+  template <class Op>
+  __device__ float reduce(float v, Op op) const {
+    for (int off = 16; off; off >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, off));
+    if ((lane & 31) == 0) partials[lane / 32] = v;
+    __syncthreads();
+    float r = partials[0];
+    for (int w = 1; w < kRowWarps; ++w) r = op(r, partials[w]);
+    __syncthreads();  // the next reduction reuses the partials
+    return r;
+  }
+  __device__ float max(float v) const { return reduce(v, [](float a, float b) { return fmaxf(a, b); }); }
+  __device__ float sum(float v) const { return reduce(v, [](float a, float b) { return a + b; }); }
+};
+
+// d logits of one row of the fused loss (clean_scores_bwd_row) from a register copy of the row.
+template <class Lanes, class In, int R>
+__device__ void cached_row_bwd(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n,
+                               const ScaledCounts& dscores, typename In::storage* dx) {
+  const RowInRegisters<Lanes, In, R> row(L, x, n);
+  const CleanGrad cg = clean_grad_of(f, row_sums_of(L, f, [&](auto fn) { row.walk(fn); }, dscores));
+  row.walk([&](int64_t e0, const auto& xv) {
+    constexpr int N = int(sizeof(xv) / sizeof(float));
+    float w[N], y[N];
+    weights_at(dscores, e0, w);
+#pragma unroll
+    for (int j = 0; j < N; ++j) y[j] = cg.dx(xv[j], w[j]);
+    store_piece<In>(dx, true, e0, y);
+  });
+}
+
+// aux_logits_bwd_kernel reading each row once: W lanes a row (a group of a warp's lanes, or the whole
+// block when W = kRowThreads), R chunks a lane.
+template <class In, int W, int R>
+__global__ void __launch_bounds__(kRowThreads)
+    aux_logits_bwd_cached_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
+                                 const float* __restrict__ buf, const float* __restrict__ g, int64_t T, int64_t E,
+                                 typename In::storage* __restrict__ dx) {
+  const ScaledCounts dscores{tpe, buf[0] * g[0]};
+  if constexpr (W == kRowThreads) {
+    __shared__ float partials[kRowWarps];
+    const BlockLanes L{int(threadIdx.x), partials};
+    for (int64_t t = blockIdx.x; t < T; t += gridDim.x)
+      cached_row_bwd<BlockLanes, In, R>(L, f, x + t * E, E, dscores, dx + t * E);
+  } else {
+    using Rows = RowGroup<W>;
+    const auto L = Rows::lanes();
+    for (int64_t t = Rows::first(); t < T; t += Rows::stride())
+      cached_row_bwd<GroupLanes<W>, In, R>(L, f, x + t * E, E, dscores, dx + t * E);
+  }
+}
+
 // ------------------------------------------------------------------ launch
 // Queried once per device: handlers run on many calls, possibly from several threads.
 int sm_count(int device) {
@@ -354,6 +448,50 @@ ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBu
   });
 }
 
+// Lanes a row (W) and chunks a lane (R) of aux_logits_bwd_cached_kernel: row_lanes' groups of a warp
+// up to 8 chunks a lane, then the whole block up to 16; W = 0 where the row does not fit, or is not made
+// of aligned 16-byte chunks (the two-pass kernel runs then).
+struct CachedLayout {
+  int W = 0, R = 0;
+};
+
+CachedLayout cached_layout(int64_t E, int64_t elem_bytes, const void* x, const void* dx) {
+  if ((E * elem_bytes) % 16 || !aligned16(x) || !aligned16(dx)) return {};
+  const int64_t chunks = E * elem_bytes / 16;
+  const auto fit = [&](int W, int max_r) {
+    int R = 1;
+    while (R < max_r && int64_t(R) * W < chunks) R *= 2;
+    return int64_t(R) * W >= chunks ? CachedLayout{W, R} : CachedLayout{};
+  };
+  if (const CachedLayout warp = fit(row_lanes(E, elem_bytes), 8); warp.W) return warp;
+  return fit(kRowThreads, 16);
+}
+
+// Runs f.template operator()<W, R>() for the layouts cached_layout returns (W < 32 needs R <= 2: row_lanes
+// picks W > chunks / 2 below a warp).
+template <class F>
+ffi::Error dispatch_cached_layout(const CachedLayout& c, F&& f) {
+  const auto by_r = [&]<int W>() {
+    switch (c.R) {
+      case 1: return f.template operator()<W, 1>();
+      case 2: return f.template operator()<W, 2>();
+      case 4: if constexpr (W >= 32) return f.template operator()<W, 4>();
+      [[fallthrough]];
+      case 8: if constexpr (W >= 32) return f.template operator()<W, 8>();
+      [[fallthrough]];
+      default: if constexpr (W == kRowThreads) return f.template operator()<W, 16>();
+               return ffi::Error::Internal("jax_moe: no cached-row layout");
+    }
+  };
+  switch (c.W) {
+    case 4: return by_r.template operator()<4>();
+    case 8: return by_r.template operator()<8>();
+    case 16: return by_r.template operator()<16>();
+    case 32: return by_r.template operator()<32>();
+    default: return by_r.template operator()<kRowThreads>();
+  }
+}
+
 ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer logits, ffi::AnyBuffer tpe,
                           ffi::AnyBuffer buf, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dlogits,
                           int64_t score_function) {
@@ -363,6 +501,20 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
   if (s.tokens == 0) return ffi::Error::Success();
   return dispatch_float(s.dtype, [&]<class In>() {
     using S = typename In::storage;
+    const auto* x = static_cast<const S*>(logits.untyped_data());
+    auto* dx = static_cast<S*>(dlogits->untyped_data());
+    if (const CachedLayout layout = cached_layout(s.experts, sizeof(S), x, dx); layout.W) {
+      return dispatch_cached_layout(layout, [&]<int W, int R>() {
+        unsigned grid;
+        if constexpr (W == kRowThreads)
+          grid = unsigned(std::min<int64_t>(s.tokens, int64_t(sm_count(device)) * 8));
+        else
+          grid = row_grid<W>(s.tokens, device, 8);
+        aux_logits_bwd_cached_kernel<In, W, R><<<grid, kRowThreads, 0, stream>>>(
+            s.f, x, s.tpe, buf.typed_data<float>(), g.typed_data<float>(), s.tokens, s.experts, dx);
+        return launch_status("aux loss from logits backward");
+      });
+    }
     return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
       aux_logits_bwd_kernel<In, W><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
           s.f, static_cast<const S*>(logits.untyped_data()), s.tpe, buf.typed_data<float>(), g.typed_data<float>(),

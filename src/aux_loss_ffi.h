@@ -32,6 +32,14 @@ struct ProbsShapes {
   int64_t blocks;
 };
 
+// d probs [T, C] of the aux loss (C_coeff · d loss · tpe[c] on every row), with tpe [C].
+struct DprobsShapes {
+  Dtype dtype;
+  Counts tpe;
+  int64_t rows;
+  int64_t cols;
+};
+
 namespace aux_detail {
 
 inline ffi::Unexpected<ffi::Error> fail(const std::string& what) { return ffi::Unexpected<ffi::Error>(invalid(what)); }
@@ -46,6 +54,11 @@ inline bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
 // A float32 vector of n elements.
 inline bool f32_vector(const ffi::AnyBuffer& b, int64_t n) {
   return b.element_type() == ffi::DataType::F32 && b.dimensions().size() == 1 && b.dimensions()[0] == n;
+}
+
+// The cotangent of the loss: one float32.
+inline bool f32_scalar(const ffi::AnyBuffer& b) {
+  return b.element_type() == ffi::DataType::F32 && b.element_count() == 1;
 }
 
 inline ffi::ErrorOr<RowShapes> check_rows(const ffi::AnyBuffer& logits, int64_t score_function) {
@@ -152,10 +165,22 @@ inline ffi::ErrorOr<RowShapes> check_aux_logits_bwd(const ffi::AnyBuffer& logits
   if (!counts) return fail("tokens_per_expert must be float32 or int32 [num_experts]");
   s->tpe = *counts;
   if (!f32_vector(buf, 2)) return fail("the aux loss buffer must be float32 [2]");
-  if (g.element_type() != ffi::DataType::F32 || g.element_count() != 1)
-    return fail("the aux loss cotangent must be a float32 scalar");
+  if (!f32_scalar(g)) return fail("the aux loss cotangent must be a float32 scalar");
   if (!like(dlogits, logits)) return fail("d logits must have the dtype and shape of logits");
   return s;
+}
+
+inline ffi::ErrorOr<DprobsShapes> check_aux_loss_bwd(const ffi::AnyBuffer& buf, const ffi::AnyBuffer& tpe,
+                                                     const ffi::AnyBuffer& g, const ffi::AnyBuffer& dprobs) {
+  using namespace aux_detail;
+  const auto dims = dprobs.dimensions();
+  const auto dtype = float_dtype(dprobs.element_type());
+  if (dims.size() != 2 || !dtype) return fail("d probs must be a float32, bfloat16 or float16 array [T, C]");
+  const auto counts = counts_vector(tpe, dims[1]);
+  if (!counts) return fail("tokens_per_expert must be float32 or int32 [C]");
+  if (!f32_vector(buf, 2)) return fail("the aux loss buffer must be float32 [2]");
+  if (!f32_scalar(g)) return fail("the aux loss cotangent must be a float32 scalar");
+  return DprobsShapes{*dtype, *counts, dims[0], dims[1]};
 }
 
 }  // namespace jax_moe

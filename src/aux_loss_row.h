@@ -124,16 +124,23 @@ struct RowSums {
   }
 };
 
-// Row sums in one pass over x: Σ numerator and Σ numerator · v(e), combined over the lanes.
-template <class Lanes, class In, class V>
-MOE_HD RowSums row_sums(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, V v) {
+// Row sums of the pieces walk(fn) passes to fn(e0, xv) (for_row's pieces, from memory or a copy):
+// Σ numerator and Σ numerator · v(e), combined over the lanes.
+template <class Lanes, class Walk, class V>
+MOE_HD RowSums row_sums_of(const Lanes& L, ScoreFunction f, Walk walk, V v) {
   RowSums r;
   if (f == ScoreFunction::kSoftmax) {
-    for_row<Lanes, In>(L, x, n, [&](int64_t e0, const auto& xv) { r.add_softmax(e0, xv, v); });
+    walk([&](int64_t e0, const auto& xv) { r.add_softmax(e0, xv, v); });
     return r.reduce_softmax(L);
   }
-  for_row<Lanes, In>(L, x, n, [&](int64_t e0, const auto& xv) { r.add_elementwise(f, e0, xv, v); });
+  walk([&](int64_t e0, const auto& xv) { r.add_elementwise(f, e0, xv, v); });
   return r.reduce(L);
+}
+
+// Row sums in one pass over x.
+template <class Lanes, class In, class V>
+MOE_HD RowSums row_sums(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, V v) {
+  return row_sums_of(L, f, [&](auto fn) { for_row<Lanes, In>(L, x, n, fn); }, v);
 }
 
 // The statistics of a row's clean scores, from one pass over it.
@@ -165,10 +172,14 @@ struct CleanGrad {
   }
 };
 
+// The backward of a row's clean scores from its sums (RowSums with v = the d scores).
+MOE_HD CleanGrad clean_grad_of(ScoreFunction f, const RowSums& r) {
+  return {f, r.m, 1.0f / r.sum, r.dot / r.sum, renorm_grad(true, r.sum, r.dot)};
+}
+
 template <class Lanes, class In, class G>
 MOE_HD CleanGrad clean_grad(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, G g) {
-  const RowSums r = row_sums<Lanes, In>(L, f, x, n, g);
-  return {f, r.m, 1.0f / r.sum, r.dot / r.sum, renorm_grad(true, r.sum, r.dot)};
+  return clean_grad_of(f, row_sums<Lanes, In>(L, f, x, n, g));
 }
 
 // d logits of one row given d scores g(e), written to every dx[e].

@@ -11,6 +11,7 @@ NB_MODULE(_jax_moe_cpu, m) {
                        {"jax_moe_aux_scores_fwd", jax_moe_aux_scores_fwd_cpu},
                        {"jax_moe_aux_scores_bwd", jax_moe_aux_scores_bwd_cpu},
                        {"jax_moe_aux_loss_fwd", jax_moe_aux_loss_fwd_cpu},
+                       {"jax_moe_aux_loss_bwd", jax_moe_aux_loss_bwd_cpu},
                        {"jax_moe_aux_logits_fwd", jax_moe_aux_logits_fwd_cpu},
                        {"jax_moe_aux_logits_bwd", jax_moe_aux_logits_bwd_cpu},
                        {"jax_moe_permute_fwd", jax_moe_permute_fwd_cpu},

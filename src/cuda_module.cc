@@ -14,6 +14,7 @@ NB_MODULE(_jax_moe_cuda, m) {
                        {"jax_moe_aux_scores_fwd", jax_moe_aux_scores_fwd_cuda},
                        {"jax_moe_aux_scores_bwd", jax_moe_aux_scores_bwd_cuda},
                        {"jax_moe_aux_loss_fwd", jax_moe_aux_loss_fwd_cuda},
+                       {"jax_moe_aux_loss_bwd", jax_moe_aux_loss_bwd_cuda},
                        {"jax_moe_aux_logits_fwd", jax_moe_aux_logits_fwd_cuda},
                        {"jax_moe_aux_logits_bwd", jax_moe_aux_logits_bwd_cuda},
                        {"jax_moe_permute_fwd", jax_moe_permute_fwd_cuda},

@@ -508,13 +508,12 @@ __device__ void aux_token_thread(const AuxConfig& a, const float (&xv)[V], int E
   for (int j = 0; j < a.topk; ++j) atomicAdd(&counts[take_best<V>(key)], 1);
 }
 
+// Routes one token given its logits xv (loaded by the caller, ahead of time).
 template <class In, int V, bool kAux>
-__device__ void route_token_thread(const RouteConfig& c, const AuxConfig& a, const typename In::storage* row,
+__device__ void route_token_thread(const RouteConfig& c, const AuxConfig& a, const float (&xv)[V],
                                    const float* sbias, float (&colsum)[V], int* counts, float* w_out,
                                    int32_t* idx_out) {
   const int E = int(c.num_experts);
-  float xv[V];
-  load_row<In, V>(row, E, xv);
   if constexpr (kAux) aux_token_thread<V>(a, xv, E, colsum, counts);
   const bool softmax = c.score_function == ScoreFunction::kSoftmax;
   float mx = -INFINITY, sum = 0.0f;
@@ -534,6 +533,7 @@ __device__ void route_token_thread(const RouteConfig& c, const AuxConfig& a, con
     val[i] = carried_value(c, xv[i], s);
     key[i] = i < E ? rank_key_no_neg_zero(val[i] + sbias[i]) : kExcluded;
   }
+  float wk[V];  // the chosen values, then weights: finalized here rather than re-read from w_out
   for (int j = 0; j < c.topk; ++j) {
     const int bi = take_best<V>(key);
     float bv = 0.0f;
@@ -541,9 +541,10 @@ __device__ void route_token_thread(const RouteConfig& c, const AuxConfig& a, con
     for (int i = 0; i < V; ++i)
       if (i == bi) bv = val[i];
     idx_out[j] = bi;
-    w_out[j] = bv;
+    wk[j] = bv;
   }
-  finalize_weights(c, w_out);  // re-reads the values this thread just wrote
+  finalize_weights(c, wk);
+  for (int j = 0; j < c.topk; ++j) w_out[j] = wk[j];
 }
 
 template <class In, int V, bool kAux>
@@ -554,16 +555,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   __shared__ float sbias[V];
   __shared__ int counts[V];
   __shared__ float partial[kAux ? kThreads * V : 1];  // partial[thread][expert], read expert-major below
+  const int64_t E = c.num_experts, stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  float xv[V];
+  if (first < T) load_row<In, V>(x + first * E, int(E), xv);  // before the bias: the two loads overlap
   if (threadIdx.x < V) {
-    sbias[threadIdx.x] = threadIdx.x < c.num_experts ? bias(threadIdx.x) + 0.0f : 0.0f;  // never -0.0
+    sbias[threadIdx.x] = threadIdx.x < E ? bias(threadIdx.x) + 0.0f : 0.0f;  // never -0.0
     counts[threadIdx.x] = 0;
   }
   __syncthreads();
   float colsum[V] = {};
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < T; t += stride)
-    route_token_thread<In, V, kAux>(c, aux.cfg, x + t * c.num_experts, sbias, colsum, counts, w + t * c.topk,
-                                    idx + t * c.topk);
+  for (int64_t t = first; t < T; t += stride) {
+    if (t != first) load_row<In, V>(x + t * E, int(E), xv);
+    route_token_thread<In, V, kAux>(c, aux.cfg, xv, sbias, colsum, counts, w + t * c.topk, idx + t * c.topk);
+  }
   if constexpr (kAux) {
     // Stored expert-major ([expert][thread]) so that each thread below adds one expert's column
     // sums over the block's threads in thread order.

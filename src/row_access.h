@@ -78,26 +78,32 @@ MOE_HD void weights_at(const V& v, int64_t e0, float (&w)[N]) {
   for (int j = 0; j < N; ++j) w[j] = v(e0 + j);
 }
 
+// Writes piece y of for_row's pieces (a whole chunk, or one element) to out[e0, e0 + N) as Out, with
+// 16-byte stores where `aligned`.
+template <class Out, int N>
+MOE_HD void store_piece(typename Out::storage* out, bool aligned, int64_t e0, const float (&y)[N]) {
+  using O = typename Out::storage;
+  alignas(16) O o[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) o[j] = Out::from_float(y[j]);
+  if constexpr (N == 1) {
+    out[e0] = o[0];
+  } else {
+    store_chunk(out + e0, aligned, o);
+  }
+}
+
 // out[e0 + j] = Out::from_float(y[j]) where f(e0, xv, y) fills y from each piece xv of this lane's share
-// of the row (for_row's pieces: whole chunks, written with 16-byte stores where aligned, then single
-// elements).
+// of the row (for_row's pieces).
 template <class Lanes, class In, class Out, class F>
 MOE_HD void map_row_pieces(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out,
                            F f) {
-  using O = typename Out::storage;
   const bool out_aligned = aligned16(out);
   for_row<Lanes, In>(L, x, n, [&](int64_t e0, const auto& xv) {
     constexpr int N = int(sizeof(xv) / sizeof(float));
     float y[N];
     f(e0, xv, y);
-    alignas(16) O o[N];
-#pragma unroll
-    for (int j = 0; j < N; ++j) o[j] = Out::from_float(y[j]);
-    if constexpr (N == 1) {
-      out[e0] = o[0];
-    } else {
-      store_chunk(out + e0, out_aligned, o);
-    }
+    store_piece<Out>(out, out_aligned, e0, y);
   });
 }
 

@@ -190,6 +190,66 @@ def test_zero_total_num_tokens_gives_zero(rng):
   assert float(loss) == 0.0 and not np.asarray(grad).any()
 
 
+# ---------------------------------------------------------------------------- aux_loss backward
+
+def old_dprobs(buf, g, tpe, shape, dtype):
+  """The backward as the jnp broadcast it replaced: d probs must match it bit for bit."""
+  return jnp.broadcast_to(buf[0] * g * tpe.astype(F32), shape).astype(dtype)
+
+
+def poison(shape, dtype):
+  """Frees a buffer of garbage of the output's size first, so an element left unwritten shows up."""
+  jax.block_until_ready(jnp.full(shape, jnp.nan, dtype))
+
+
+# (T, C): C = E; C = 2E (the per-sequence form); C that is no multiple of the 16-byte vector (130, 37: odd).
+BWD_SHAPES = [(333, 64), (129, 128), (77, 130), (50, 37), (4096, 256), (1, 8)]
+
+
+@pytest.mark.parametrize("tpe_dtype", [jnp.int32, F32])
+@pytest.mark.parametrize("tokens,cols", BWD_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_kernel_is_the_formula(rng, dtype, tokens, cols, tpe_dtype):
+  dt = DTYPES[dtype]
+  tpe = random_counts(rng, cols, tpe_dtype)
+  buf = jnp.asarray([rng.uniform(1e-3, 1e-2), rng.uniform(1, 2)], F32)  # d probs stays a normal f16
+  g = jnp.float32(rng.uniform(-3, -0.5))
+  poison((tokens, cols), dt)
+  (dprobs,) = aux_module.aux_loss_bwd_p.bind(buf, tpe, g, tokens=tokens, dtype=dt)
+  assert dprobs.shape == (tokens, cols) and dprobs.dtype == dt
+  np.testing.assert_array_equal(dprobs, old_dprobs(buf, g, tpe, (tokens, cols), dt))
+  want = f64(buf[0]) * f64(g) * np.broadcast_to(f64(tpe), (tokens, cols))
+  # Two float32 products, then one rounding to dt.
+  assert_close(dprobs, want, float(jnp.finfo(dt).eps) / 2 + 2.0**-23)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_experts,cols", [(64, 64), (64, 128), (37, 37), (13, 130)], ids=str)
+def test_gradient_is_bit_identical_to_the_broadcast_formula(rng, num_experts, cols, dtype):
+  # Through aux_loss and jax.vjp: C = E or the per-sequence C = B·E, a cotangent other than 1, and f16
+  # values down to the subnormals (small coefficient times small counts).
+  dt = DTYPES[dtype]
+  probs = random_probs(rng, (333, cols), dt)
+  tpe = random_counts(rng, cols)
+  kw = dict(topk=4 % num_experts or 1, coeff=COEFF, num_experts=num_experts)
+  _, vjp = jax.vjp(lambda p: jax_moe.aux_loss(p, tpe, **kw), probs)
+  poison(probs.shape, dt)
+  (grad,) = vjp(jnp.asarray(-2.5, dt))
+  c_coeff = jax_moe.loss_coefficient(num_experts, COEFF, kw["topk"], 333)
+  _, buf, _ = aux_module.aux_loss_fwd_p.bind(probs, tpe, coeff=c_coeff)
+  np.testing.assert_array_equal(grad, old_dprobs(buf, jnp.float32(-2.5), tpe, probs.shape, dt))
+  want = -2.5 * ref.aux_loss_grad(probs.shape, tpe, **kw)
+  assert_close(grad, want, GRAD_RTOL[dt], atol=2.0**-25 if dt == F16 else 0.0)  # f16: half a subnormal step
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_kernel_with_no_tokens(rng, dtype):
+  tpe = random_counts(rng, 48)
+  (dprobs,) = aux_module.aux_loss_bwd_p.bind(jnp.asarray([0.5, 1.0], F32), tpe, jnp.float32(1.5), tokens=0,
+                                             dtype=DTYPES[dtype])
+  assert dprobs.shape == (0, 48) and dprobs.dtype == DTYPES[dtype]
+
+
 # ------------------------------------------------------------------------------ aux_loss_scores
 
 def check_scores(logits, topk, score_function, *, rtol):
@@ -448,6 +508,27 @@ def test_vmap_of_grad(rng, score_function):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-12), batched, each)
 
 
+@pytest.mark.parametrize("batched_tpe", [False, True])
+def test_vmap_of_grad_is_a_batch_of_gradients(rng, batched_tpe):
+  probs = random_probs(rng, (3, 40, 130), BF16)
+  tpe = jnp.stack([random_counts(rng, 130) for _ in range(3)]) if batched_tpe else random_counts(rng, 130)
+  grad = jax.grad(lambda p, c: jax_moe.aux_loss(p, c, topk=4, coeff=COEFF).astype(F32))
+  got = jax.jit(jax.vmap(grad, in_axes=(1, 0 if batched_tpe else None)))(jnp.moveaxis(probs, 0, 1), tpe)
+  assert got.shape == probs.shape and got.dtype == BF16
+  for b in range(3):
+    np.testing.assert_array_equal(got[b], grad(probs[b], tpe[b] if batched_tpe else tpe))
+
+
+def test_vmap_of_backward_kernel_over_the_cotangent(rng):
+  tpe = random_counts(rng, 64)
+  gs = jnp.asarray(rng.uniform(0.5, 2, size=3), F32)
+  bwd = functools.partial(aux_module.aux_loss_bwd_p.bind, jnp.asarray([0.25, 1.0], F32), tpe, tokens=17,
+                          dtype=F16)
+  batched = jax.vmap(lambda g: bwd(g)[0])(gs)
+  for b in range(3):
+    np.testing.assert_array_equal(batched[b], bwd(gs[b])[0])
+
+
 def test_vmap_of_logits_backward_with_shared_buffer(rng):
   # The backward kernel folds a batch of logits into tokens when tpe, buffer and cotangent are shared.
   logits = random_logits(rng, (3, 17, 64))
@@ -548,6 +629,37 @@ def test_jit_with_token_sharded_probs_needs_no_all_gather(rng):
     hlo = fn.lower(sharded, tpe).compile().as_text()
     assert "all-gather" not in hlo
     assert "all-reduce" in hlo  # the partial sums are added, not the inputs gathered
+
+
+def backward_shapes(hlo):
+  """The result shapes of the compiled module's d probs kernels."""
+  calls = [line for line in hlo.splitlines() if 'custom_call_target="jax_moe_aux_loss_bwd"' in line]
+  return [re.search(r"= (\w+\[[\d,]*\])", line).group(1) for line in calls]
+
+
+@pytest.mark.parametrize("mesh_shape,axis_name", [((4,), "x"), ((2, 2), ("x", "y"))], ids=["1d", "2d"])
+def test_jit_gradient_is_written_per_token_shard(rng, mesh_shape, axis_name):
+  # No operand of the d probs kernel has tokens: it writes the rows its users shard, here the jit's
+  # out_shardings (probs' own) and the softmax backward of token-sharded logits. Each device writes its
+  # [T/4, C] rows; nothing is gathered.
+  mesh = four_device_mesh(mesh_shape, ("x",) if len(mesh_shape) == 1 else ("x", "y"))
+  tokens = NamedSharding(mesh, P(axis_name, None))
+  probs, logits, tpe = _global_inputs(rng)
+  probs = probs.astype(BF16)
+  loss = lambda p, c: jax_moe.aux_loss(p, c, topk=8, coeff=COEFF).astype(F32)
+  through_softmax = lambda x, c: loss(jax.nn.softmax(x).astype(BF16), c)
+  cases = ((jax.grad(loss), dict(out_shardings=tokens), probs, 0.0),
+           (jax.grad(through_softmax), {}, logits, 1e-5))  # the softmax backward's sums may differ
+  for grad_fn, jit_kw, x, rtol in cases:
+    fn = jax.jit(grad_fn, **jit_kw)
+    x_sharded = jax.device_put(x, tokens)
+    grad = fn(x_sharded, tpe)
+    assert grad.sharding.is_equivalent_to(tokens, grad.ndim)
+    want = f64(grad_fn(x, tpe))
+    assert (np.abs(f64(grad) - want) <= grad_atol(want, rtol)).all()
+    hlo = fn.lower(x_sharded, tpe).compile().as_text()
+    assert "all-gather" not in hlo
+    assert backward_shapes(hlo) == [f"bf16[{x.shape[0] // 4},256]"]
 
 
 def test_jit_with_token_sharded_logits_gives_global_counts(rng):
@@ -651,13 +763,35 @@ def test_bad_input_raises_naming_the_argument(case):
     call()
 
 
-@pytest.mark.parametrize("kernel,args,message", [
-    ("aux_loss_fwd_p", lambda: (_p(), jnp.ones(63, F32)), "tokens_per_expert"),
-    ("aux_logits_bwd_p", lambda: (_p(), jnp.ones(64, F32), jnp.ones(1, F32), jnp.float32(1)), "buffer"),
-], ids=["loss_fwd_short_tpe", "logits_bwd_short_buffer"])
-def test_kernels_reject_inconsistent_buffers(kernel, args, message):
+def _buf(dtype=F32):
+  return jnp.asarray([0.5, 1.0], dtype)
+
+
+def _g(dtype=F32):
+  return jnp.asarray(1.5, dtype)
+
+
+_DPROBS = dict(tokens=4, dtype=F32)
+
+INCONSISTENT_BUFFERS = {  # name: (kernel, operands, static parameters, what the error names)
+    "loss_fwd_short_tpe": ("aux_loss_fwd_p", lambda: (_p(), jnp.ones(63, F32)), dict(coeff=0.5), "tokens_per_expert"),
+    "logits_bwd_short_buffer": ("aux_logits_bwd_p", lambda: (_p(), jnp.ones(64, F32), jnp.ones(1, F32), _g()),
+                                dict(score_function=0), "buffer"),
+    "loss_bwd_short_buffer": ("aux_loss_bwd_p", lambda: (jnp.ones(1, F32), _c(), _g()), _DPROBS, "buffer"),
+    "loss_bwd_f16_buffer": ("aux_loss_bwd_p", lambda: (_buf(F16), _c(), _g()), _DPROBS, "buffer"),
+    "loss_bwd_2d_tpe": ("aux_loss_bwd_p", lambda: (_buf(), _c().reshape(8, 8), _g()), _DPROBS, "tokens_per_expert"),
+    "loss_bwd_int16_tpe": ("aux_loss_bwd_p", lambda: (_buf(), _c().astype(jnp.int16), _g()), _DPROBS,
+                           "tokens_per_expert"),
+    "loss_bwd_vector_cotangent": ("aux_loss_bwd_p", lambda: (_buf(), _c(), jnp.ones(3, F32)), _DPROBS, "cotangent"),
+    "loss_bwd_bf16_cotangent": ("aux_loss_bwd_p", lambda: (_buf(), _c(), _g(BF16)), _DPROBS, "cotangent"),
+    "loss_bwd_int_dprobs": ("aux_loss_bwd_p", lambda: (_buf(), _c(), _g()), dict(tokens=4, dtype=jnp.int32),
+                            "d probs"),
+}
+
+
+@pytest.mark.parametrize("case", INCONSISTENT_BUFFERS)
+def test_kernels_reject_inconsistent_buffers(case):
   # Bypassing the Python checks, the FFI handler itself refuses buffers that do not match.
-  prim = getattr(aux_module, kernel)
-  params = dict(coeff=0.5) if kernel == "aux_loss_fwd_p" else dict(score_function=0)
+  kernel, args, params, message = INCONSISTENT_BUFFERS[case]
   with pytest.raises(Exception, match=message):
-    jax.block_until_ready(prim.bind(*args(), **params))
+    jax.block_until_ready(getattr(aux_module, kernel).bind(*args(), **params))
