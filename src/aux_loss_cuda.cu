@@ -5,8 +5,8 @@
 // of 32 or more 16-byte chunks, down to 4 lanes, so short rows keep all lanes busy; the scores kernel
 // always uses a warp), 8 warps a block, reading rows with 16-byte loads: the loss forward in one pass
 // over the logits, the backwards in two (statistics, then d logits). The logits backward reads each row
-// from memory once: a warp's lanes hold rows of up to 256 chunks (E = 2048 bf16) in registers between
-// the two passes; longer rows take a block each, whose second pass hits L2.
+// from memory once: rows of up to 1024 chunks (E = 8192 bf16) stay in registers between the two passes
+// (a warp's lanes, or a block's); longer rows take a block each, whose second pass hits L2.
 // Counts: rows of up to kSharedRowExperts experts count into a per-block shared-memory histogram
 // flushed with integer atomics; longer rows use integer atomics on global memory. The counts are
 // zeroed with cudaMemsetAsync first; integer atomics are exact, so counts are deterministic.
@@ -292,23 +292,30 @@ __device__ void cached_row_bwd(const Lanes& L, ScoreFunction f, const typename I
   });
 }
 
-// aux_logits_bwd_kernel reading each row once: W lanes a row (a group of a warp's lanes), R chunks a
-// lane.
+// aux_logits_bwd_kernel reading each row once: W lanes a row (a group of a warp's lanes, or the whole
+// block when W = kRowThreads), R chunks a lane.
 template <class In, int W, int R>
 __global__ void __launch_bounds__(kRowThreads)
     aux_logits_bwd_cached_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
                                  const float* __restrict__ buf, const float* __restrict__ g, int64_t T, int64_t E,
                                  typename In::storage* __restrict__ dx) {
-  using Rows = RowGroup<W>;
-  const auto L = Rows::lanes();
   const ScaledCounts dscores{tpe, buf[0] * g[0]};
-  for (int64_t t = Rows::first(); t < T; t += Rows::stride())
-    cached_row_bwd<GroupLanes<W>, In, R>(L, f, x + t * E, E, dscores, dx + t * E);
+  if constexpr (W == kRowThreads) {
+    __shared__ float partials[kRowWarps];
+    const BlockLanes L{int(threadIdx.x), partials};
+    for (int64_t t = blockIdx.x; t < T; t += gridDim.x)
+      cached_row_bwd<BlockLanes, In, R>(L, f, x + t * E, E, dscores, dx + t * E);
+  } else {
+    using Rows = RowGroup<W>;
+    const auto L = Rows::lanes();
+    for (int64_t t = Rows::first(); t < T; t += Rows::stride())
+      cached_row_bwd<GroupLanes<W>, In, R>(L, f, x + t * E, E, dscores, dx + t * E);
+  }
 }
 
-// aux_logits_bwd_kernel for rows too long for a warp's registers: a block a row, so that the rows in
-// flight (8 blocks an SM) fit in L2 and the second pass reads them from there. Holding such rows in
-// registers instead leaves too few warps an SM: measured slower on an H100, up to 1.7x (sigmoid, f32).
+// aux_logits_bwd_kernel for rows too long to hold in registers: a block a row, so that the rows in
+// flight (8 blocks an SM) fit in L2 and the second pass reads them from there. (Register copies of such
+// rows leave too few warps an SM: up to 1.7x slower on an H100, sigmoid f32 E = 16384.)
 template <class In>
 __global__ void __launch_bounds__(kRowThreads)
     aux_logits_bwd_block_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
@@ -343,7 +350,8 @@ ffi::Error launch_status(const char* what) {
 // Grid of a row kernel whose result does not depend on it: enough blocks to fill the GPU, looping over rows.
 template <int W>
 unsigned row_grid(int64_t tokens, int device, int blocks_per_sm) {
-  const int64_t blocks = (tokens + RowGroup<W>::kPerBlock - 1) / RowGroup<W>::kPerBlock;
+  constexpr int64_t kPerBlock = W == kRowThreads ? 1 : RowGroup<W>::kPerBlock;  // rows a block works on at once
+  const int64_t blocks = (tokens + kPerBlock - 1) / kPerBlock;
   return unsigned(std::min<int64_t>(blocks, int64_t(sm_count(device)) * blocks_per_sm));
 }
 
@@ -456,31 +464,36 @@ ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBu
   });
 }
 
-// Lanes a row (W, row_lanes) and chunks a lane (R <= 8) of aux_logits_bwd_cached_kernel; W = 0 where the
-// row does not fit, or is not made of aligned 16-byte chunks.
+// Lanes a row (W) and chunks a lane (R) of aux_logits_bwd_cached_kernel: row_lanes' groups of a warp up
+// to 8 chunks a lane, then the whole block up to 4 (rows of 16 KB: E = 8192 bf16); W = 0 where the row
+// does not fit, or is not made of aligned 16-byte chunks. Measured on an H100 (E = 4096 and 16384, T =
+// 16384): a block's copy of a 16 KB row beats two passes by 9-15%; of a 32 KB row, loses by 1.2-1.7x.
 struct CachedLayout {
   int W = 0, R = 0;
 };
-constexpr int64_t kMaxCachedRowBytes = 16 * 8 * 32;  // 8 chunks on each lane of a warp
 
 CachedLayout cached_layout(int64_t E, int64_t elem_bytes, const void* x, const void* dx) {
   if ((E * elem_bytes) % 16 || !aligned16(x) || !aligned16(dx)) return {};
   const int64_t chunks = E * elem_bytes / 16;
-  const int W = row_lanes(E, elem_bytes);
-  int R = 1;
-  while (int64_t(R) * W < chunks && int64_t(R) * W * 16 < kMaxCachedRowBytes) R *= 2;
-  return int64_t(R) * W >= chunks ? CachedLayout{W, R} : CachedLayout{};
+  const auto fit = [&](int W, int max_r) {
+    int R = 1;
+    while (R < max_r && int64_t(R) * W < chunks) R *= 2;
+    return int64_t(R) * W >= chunks ? CachedLayout{W, R} : CachedLayout{};
+  };
+  if (const CachedLayout warp = fit(row_lanes(E, elem_bytes), 8); warp.W) return warp;
+  return fit(kRowThreads, 4);
 }
 
-// Runs f.template operator()<W, R>() for the layouts cached_layout returns (W < 32 needs R <= 2: below a
-// warp, row_lanes picks W > chunks / 2).
+// Runs f.template operator()<W, R>() for the layouts cached_layout returns (below a warp, row_lanes picks
+// W > chunks / 2, so R <= 2; a block starts at R = 2).
 template <class F>
 ffi::Error dispatch_cached_layout(const CachedLayout& c, F&& f) {
   const auto by_r = [&]<int W>() {
     switch (c.R) {
-      case 1: return f.template operator()<W, 1>();
+      case 1: if constexpr (W <= 32) return f.template operator()<W, 1>();
+      [[fallthrough]];
       case 2: return f.template operator()<W, 2>();
-      case 4: if constexpr (W == 32) return f.template operator()<W, 4>();
+      case 4: if constexpr (W >= 32) return f.template operator()<W, 4>();
       [[fallthrough]];
       default: if constexpr (W == 32) return f.template operator()<W, 8>();
                return ffi::Error::Internal("jax_moe: no cached-row layout");
@@ -490,7 +503,8 @@ ffi::Error dispatch_cached_layout(const CachedLayout& c, F&& f) {
     case 4: return by_r.template operator()<4>();
     case 8: return by_r.template operator()<8>();
     case 16: return by_r.template operator()<16>();
-    default: return by_r.template operator()<32>();
+    case 32: return by_r.template operator()<32>();
+    default: return by_r.template operator()<kRowThreads>();
   }
 }
 
@@ -514,9 +528,9 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
         return launch_status("aux loss from logits backward");
       });
     }
-    if (s.experts * int64_t(sizeof(S)) > kMaxCachedRowBytes) {
-      const unsigned grid = unsigned(std::min<int64_t>(s.tokens, int64_t(sm_count(device)) * 8));
-      aux_logits_bwd_block_kernel<In><<<grid, kRowThreads, 0, stream>>>(s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
+    if (s.experts * int64_t(sizeof(S)) > 16 * 32) {  // rows of more than a chunk a lane: a block each
+      aux_logits_bwd_block_kernel<In><<<row_grid<kRowThreads>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
+          s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
       return launch_status("aux loss from logits backward");
     }
     return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
