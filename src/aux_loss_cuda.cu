@@ -5,8 +5,7 @@
 // of 32 or more 16-byte chunks, down to 4 lanes, so short rows keep all lanes busy; the scores kernel
 // always uses a warp), 8 warps a block, reading rows with 16-byte loads: the loss forward in one pass
 // over the logits, the backwards in two (statistics, then d logits). The logits backward reads each row
-// from memory once: rows of up to 1024 chunks (E = 8192 bf16) stay in registers between the two passes
-// (a warp's lanes, or a block's); longer rows take a block each, whose second pass hits L2.
+// from memory once, keeping a copy between its two walks (registers, or a block's shared memory).
 // Counts: rows of up to kSharedRowExperts experts count into a per-block shared-memory histogram
 // flushed with integer atomics; longer rows use integer atomics on global memory. The counts are
 // zeroed with cudaMemsetAsync first; integer atomics are exact, so counts are deterministic.
@@ -221,11 +220,13 @@ __global__ void __launch_bounds__(kRowThreads)
     clean_scores_bwd_row<GroupLanes<W>, In>(L, f, x + t * E, E, dscores, dx + t * E);
 }
 
-// ----------------------------------------------------- rows held in registers
-// This lane's chunks of a row (for_row's assignment: chunk c to lane c % nlanes), at most R of them,
-// held in registers, so that a backward walking the row twice (its sums, then d logits) reads it from
-// memory once: with many rows in flight the second read would miss the caches. Needs a row of whole,
-// 16-byte aligned chunks (see cached_layout).
+// ------------------------------------------------- the logits backward's rows
+// The logits backward walks each row twice (its sums, then d logits). Reading it from memory both times
+// would cost a third pass over the logits (with many rows in flight the second read misses the caches),
+// so the first walk keeps a copy: in registers for rows of up to 8 chunks a lane of a warp, in the
+// block's shared memory for longer ones. A copy holds this lane's chunks only (for_row's assignment:
+// chunk c to lane c % nlanes), so a lane reads back what it wrote. Both need a row of whole, 16-byte
+// aligned chunks.
 template <class Lanes, class In, int R>
 struct RowInRegisters {
   using S = typename In::storage;
@@ -255,8 +256,36 @@ struct RowInRegisters {
   }
 };
 
-// The whole block on one row, for rows too long for a warp's registers: the Lanes policy's reductions
-// (a warp butterfly, then the warps' results in warp order) through shared memory.
+template <class Lanes, class In>
+struct RowInShared {
+  using S = typename In::storage;
+  static constexpr int V = chunk_elems<S>();
+  const Lanes& L;
+  int64_t chunks;
+  uint4* copy;  // [chunks], shared
+
+  __device__ RowInShared(const Lanes& lanes, const S* x, int64_t n, uint4* shared)
+      : L(lanes), chunks(n / V), copy(shared) {
+    const auto* src = reinterpret_cast<const uint4*>(x);
+#pragma unroll 4
+    for (int64_t c = L.lane; c < chunks; c += L.nlanes) copy[c] = src[c];
+  }
+
+  template <class F>
+  __device__ void walk(F f) const {
+    for (int64_t c = L.lane; c < chunks; c += L.nlanes) {
+      S v[V];
+      load_chunk(reinterpret_cast<const S*>(copy + c), true, v);
+      float xv[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) xv[j] = In::to_float(v[j]);
+      f(c * V, xv);
+    }
+  }
+};
+
+// The whole block on one row (rows too long for a warp's registers): the Lanes policy's reductions (a
+// warp butterfly, then the warps' results in warp order) through shared memory.
 struct BlockLanes {
   int lane;
   float* partials;  // [kRowWarps], shared
@@ -276,11 +305,10 @@ struct BlockLanes {
   __device__ float sum(float v) const { return reduce(v, [](float a, float b) { return a + b; }); }
 };
 
-// d logits of one row of the fused loss (clean_scores_bwd_row) from a register copy of the row.
-template <class Lanes, class In, int R>
-__device__ void cached_row_bwd(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n,
-                               const ScaledCounts& dscores, typename In::storage* dx) {
-  const RowInRegisters<Lanes, In, R> row(L, x, n);
+// d logits of one row of the fused loss (clean_scores_bwd_row) from a copy of the row.
+template <class Lanes, class In, class Row>
+__device__ void copied_row_bwd(const Lanes& L, ScoreFunction f, const Row& row, const ScaledCounts& dscores,
+                               typename In::storage* dx) {
   const CleanGrad cg = clean_grad_of(f, row_sums_of(L, f, [&](auto fn) { row.walk(fn); }, dscores));
   row.walk([&](int64_t e0, const auto& xv) {
     constexpr int N = int(sizeof(xv) / sizeof(float));
@@ -292,40 +320,40 @@ __device__ void cached_row_bwd(const Lanes& L, ScoreFunction f, const typename I
   });
 }
 
-// aux_logits_bwd_kernel reading each row once: W lanes a row (a group of a warp's lanes, or the whole
-// block when W = kRowThreads), R chunks a lane.
+// The logits backward for rows of up to 8 chunks a lane: W lanes a row (a group of a warp's lanes), R
+// chunks a lane, in registers.
 template <class In, int W, int R>
 __global__ void __launch_bounds__(kRowThreads)
-    aux_logits_bwd_cached_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
-                                 const float* __restrict__ buf, const float* __restrict__ g, int64_t T, int64_t E,
-                                 typename In::storage* __restrict__ dx) {
+    aux_logits_bwd_registers_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
+                                    const float* __restrict__ buf, const float* __restrict__ g, int64_t T,
+                                    int64_t E, typename In::storage* __restrict__ dx) {
+  using Rows = RowGroup<W>;
+  const auto L = Rows::lanes();
   const ScaledCounts dscores{tpe, buf[0] * g[0]};
-  if constexpr (W == kRowThreads) {
-    __shared__ float partials[kRowWarps];
-    const BlockLanes L{int(threadIdx.x), partials};
-    for (int64_t t = blockIdx.x; t < T; t += gridDim.x)
-      cached_row_bwd<BlockLanes, In, R>(L, f, x + t * E, E, dscores, dx + t * E);
-  } else {
-    using Rows = RowGroup<W>;
-    const auto L = Rows::lanes();
-    for (int64_t t = Rows::first(); t < T; t += Rows::stride())
-      cached_row_bwd<GroupLanes<W>, In, R>(L, f, x + t * E, E, dscores, dx + t * E);
-  }
+  for (int64_t t = Rows::first(); t < T; t += Rows::stride())
+    copied_row_bwd<GroupLanes<W>, In>(L, f, RowInRegisters<GroupLanes<W>, In, R>(L, x + t * E, E), dscores,
+                                      dx + t * E);
 }
 
-// aux_logits_bwd_kernel for rows too long to hold in registers: a block a row, so that the rows in
-// flight (8 blocks an SM) fit in L2 and the second pass reads them from there. (Register copies of such
-// rows leave too few warps an SM: up to 1.7x slower on an H100, sigmoid f32 E = 16384.)
-template <class In>
+// The logits backward for longer rows: a block a row, its copy in dynamic shared memory (kShared), or
+// else (rows not made of aligned chunks, or too long) two passes over memory, of which the second hits
+// L2 often: only 8 rows an SM are in flight.
+template <class In, bool kShared>
 __global__ void __launch_bounds__(kRowThreads)
     aux_logits_bwd_block_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
                                 const float* __restrict__ buf, const float* __restrict__ g, int64_t T, int64_t E,
                                 typename In::storage* __restrict__ dx) {
+  extern __shared__ uint4 row_copy[];
   __shared__ float partials[kRowWarps];
   const BlockLanes L{int(threadIdx.x), partials};
   const ScaledCounts dscores{tpe, buf[0] * g[0]};
-  for (int64_t t = blockIdx.x; t < T; t += gridDim.x)
-    clean_scores_bwd_row<BlockLanes, In>(L, f, x + t * E, E, dscores, dx + t * E);
+  for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
+    if constexpr (kShared)
+      copied_row_bwd<BlockLanes, In>(L, f, RowInShared<BlockLanes, In>(L, x + t * E, E, row_copy), dscores,
+                                     dx + t * E);
+    else
+      clean_scores_bwd_row<BlockLanes, In>(L, f, x + t * E, E, dscores, dx + t * E);
+  }
 }
 
 // ------------------------------------------------------------------ launch
@@ -350,8 +378,7 @@ ffi::Error launch_status(const char* what) {
 // Grid of a row kernel whose result does not depend on it: enough blocks to fill the GPU, looping over rows.
 template <int W>
 unsigned row_grid(int64_t tokens, int device, int blocks_per_sm) {
-  constexpr int64_t kPerBlock = W == kRowThreads ? 1 : RowGroup<W>::kPerBlock;  // rows a block works on at once
-  const int64_t blocks = (tokens + kPerBlock - 1) / kPerBlock;
+  const int64_t blocks = (tokens + RowGroup<W>::kPerBlock - 1) / RowGroup<W>::kPerBlock;
   return unsigned(std::min<int64_t>(blocks, int64_t(sm_count(device)) * blocks_per_sm));
 }
 
@@ -464,48 +491,57 @@ ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBu
   });
 }
 
-// Lanes a row (W) and chunks a lane (R) of aux_logits_bwd_cached_kernel: row_lanes' groups of a warp up
-// to 8 chunks a lane, then the whole block up to 4 (rows of 16 KB: E = 8192 bf16); W = 0 where the row
-// does not fit, or is not made of aligned 16-byte chunks. Measured on an H100 (E = 4096 and 16384, T =
-// 16384): a block's copy of a 16 KB row beats two passes by 9-15%; of a 32 KB row, loses by 1.2-1.7x.
-struct CachedLayout {
+// Lanes a row (W, row_lanes) and chunks a lane (R <= 8) of aux_logits_bwd_registers_kernel; W = 0 where the
+// row does not fit, or is not made of aligned 16-byte chunks.
+struct RegisterLayout {
   int W = 0, R = 0;
 };
 
-CachedLayout cached_layout(int64_t E, int64_t elem_bytes, const void* x, const void* dx) {
-  if ((E * elem_bytes) % 16 || !aligned16(x) || !aligned16(dx)) return {};
+RegisterLayout register_layout(int64_t E, int64_t elem_bytes, bool aligned) {
+  if (!aligned) return {};
   const int64_t chunks = E * elem_bytes / 16;
-  const auto fit = [&](int W, int max_r) {
-    int R = 1;
-    while (R < max_r && int64_t(R) * W < chunks) R *= 2;
-    return int64_t(R) * W >= chunks ? CachedLayout{W, R} : CachedLayout{};
-  };
-  if (const CachedLayout warp = fit(row_lanes(E, elem_bytes), 8); warp.W) return warp;
-  return fit(kRowThreads, 4);
+  const int W = row_lanes(E, elem_bytes);
+  int R = 1;
+  while (R < 8 && int64_t(R) * W < chunks) R *= 2;
+  return int64_t(R) * W >= chunks ? RegisterLayout{W, R} : RegisterLayout{};
 }
 
-// Runs f.template operator()<W, R>() for the layouts cached_layout returns (below a warp, row_lanes picks
-// W > chunks / 2, so R <= 2; a block starts at R = 2).
+// Runs f.template operator()<W, R>() for the layouts register_layout returns (below a warp, row_lanes
+// picks W > chunks / 2, so R <= 2).
 template <class F>
-ffi::Error dispatch_cached_layout(const CachedLayout& c, F&& f) {
+ffi::Error dispatch_register_layout(const RegisterLayout& c, F&& f) {
   const auto by_r = [&]<int W>() {
     switch (c.R) {
-      case 1: if constexpr (W <= 32) return f.template operator()<W, 1>();
-      [[fallthrough]];
+      case 1: return f.template operator()<W, 1>();
       case 2: return f.template operator()<W, 2>();
-      case 4: if constexpr (W >= 32) return f.template operator()<W, 4>();
+      case 4: if constexpr (W == 32) return f.template operator()<W, 4>();
       [[fallthrough]];
       default: if constexpr (W == 32) return f.template operator()<W, 8>();
-               return ffi::Error::Internal("jax_moe: no cached-row layout");
+               return ffi::Error::Internal("jax_moe: no register layout for the row");
     }
   };
   switch (c.W) {
     case 4: return by_r.template operator()<4>();
     case 8: return by_r.template operator()<8>();
     case 16: return by_r.template operator()<16>();
-    case 32: return by_r.template operator()<32>();
-    default: return by_r.template operator()<kRowThreads>();
+    default: return by_r.template operator()<32>();
   }
+}
+
+// Rows up to this long are copied to shared memory by the block kernel: 3 blocks an SM at the longest.
+constexpr int64_t kMaxSharedRowBytes = 64 * 1024;
+
+template <class In, bool kShared>
+ffi::Error launch_logits_bwd_block(cudaStream_t stream, int32_t device, const RowShapes& s, const void* x,
+                                   const float* buf, const float* g, void* dx) {
+  using S = typename In::storage;
+  const size_t smem = kShared ? size_t(s.experts) * sizeof(S) : 0;
+  const auto kernel = aux_logits_bwd_block_kernel<In, kShared>;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  const unsigned grid = unsigned(std::min<int64_t>(s.tokens, int64_t(sm_count(device)) * 8));
+  kernel<<<grid, kRowThreads, smem, stream>>>(s.f, static_cast<const S*>(x), s.tpe, buf, g, s.tokens, s.experts,
+                                             static_cast<S*>(dx));
+  return launch_status("aux loss from logits backward");
 }
 
 ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer logits, ffi::AnyBuffer tpe,
@@ -521,18 +557,19 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
     auto* dx = static_cast<S*>(dlogits->untyped_data());
     const auto* bf = buf.typed_data<float>();
     const auto* gf = g.typed_data<float>();
-    if (const CachedLayout layout = cached_layout(s.experts, sizeof(S), x, dx); layout.W) {
-      return dispatch_cached_layout(layout, [&]<int W, int R>() {
-        aux_logits_bwd_cached_kernel<In, W, R><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
+    const int64_t row_bytes = s.experts * int64_t(sizeof(S));
+    const bool aligned = row_bytes % 16 == 0 && aligned16(x) && aligned16(dx);
+    if (const RegisterLayout layout = register_layout(s.experts, sizeof(S), aligned); layout.W) {
+      return dispatch_register_layout(layout, [&]<int W, int R>() {
+        aux_logits_bwd_registers_kernel<In, W, R><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
             s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
         return launch_status("aux loss from logits backward");
       });
     }
-    if (s.experts * int64_t(sizeof(S)) > 16 * 32) {  // rows of more than a chunk a lane: a block each
-      aux_logits_bwd_block_kernel<In><<<row_grid<kRowThreads>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
-          s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
-      return launch_status("aux loss from logits backward");
-    }
+    if (aligned && row_bytes <= kMaxSharedRowBytes)
+      return launch_logits_bwd_block<In, true>(stream, device, s, x, bf, gf, dx);
+    if (row_bytes > 16 * 32)  // more than a chunk a lane of a warp
+      return launch_logits_bwd_block<In, false>(stream, device, s, x, bf, gf, dx);
     return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
       aux_logits_bwd_kernel<In, W><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
           s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
