@@ -9,6 +9,7 @@
 // Counts: rows of up to kSharedRowExperts experts count into a per-block shared-memory histogram
 // flushed with integer atomics; longer rows use integer atomics on global memory. The counts are
 // zeroed with cudaMemsetAsync first; integer atomics are exact, so counts are deterministic.
+// The probs loss's backward writes the same row of d probs on every token with 16-byte stores.
 // Loss sums: one kernel runs both stages of aux_loss_row.h's deterministic sum. Stage-1 blocks write
 // their partials to the workspace; the last block to finish (an integer atomic counter, zeroed with
 // cudaMemsetAsync) adds all partials in a fixed order. The grid depends only on the shapes.
@@ -158,6 +159,23 @@ __device__ __forceinline__ void load_n(const S* __restrict__ p, S (&out)[N]) {
   }
 }
 
+// V consecutive elements stored at p, with one vector store when kVector (then p is aligned to it).
+template <class S, int V, bool kVector>
+__device__ __forceinline__ void store_n(S* __restrict__ p, const S (&v)[V]) {
+  if constexpr (kVector) {
+    struct alignas(V * sizeof(S)) Pack {
+      S v[V];
+    };
+    Pack pk;
+#pragma unroll
+    for (int j = 0; j < V; ++j) pk.v[j] = v[j];
+    *reinterpret_cast<Pack*>(p) = pk;
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j] = v[j];
+  }
+}
+
 // Stage 1 over probs: thread slot gid adds vectors gid, gid + slots, ... (aux_loss_row.h). Its column
 // moves by col_step each time; when that is 0 (C divides slots * V, e.g. C a power of two) the
 // thread's counts are loaded once. 8 blocks an SM: the largest grid, 1024 blocks, runs in one wave.
@@ -190,6 +208,38 @@ __global__ void __launch_bounds__(kSumThreads, 8)
     if (col >= cols) col -= cols;
   }
   finish_loss(block_sum_threads(acc), out);
+}
+
+// The aux loss's backward: d probs[t, c] = (buf[0] · g) · tpe[c] in probs' dtype, the same row on every
+// token. A pure write of T·C elements as vectors of V elements (16 bytes where C allows; a vector never
+// spans rows). Thread `first` writes vectors first, first + stride, ...; vector v holds columns
+// (v · V) % C onwards. Its column moves by the same step each time: when that is 0, its converted piece
+// of the row is computed once and only stored afterwards.
+template <class In, int V, bool kVector>
+__global__ void __launch_bounds__(kSumThreads, 8)
+    aux_probs_bwd_kernel(Counts tpe, const float* __restrict__ buf, const float* __restrict__ g, int64_t vectors,
+                         int64_t cols, typename In::storage* __restrict__ dprobs) {
+  using S = typename In::storage;
+  const ScaledCounts row{tpe, buf[0] * g[0]};
+  const int64_t stride = int64_t(gridDim.x) * kSumThreads;
+  const int64_t first = int64_t(blockIdx.x) * kSumThreads + threadIdx.x;
+  const int64_t col_step = (stride * V) % cols;
+  int64_t col = (first * V) % cols;
+  S out[V];
+  const auto row_piece = [&] {
+    float w[V];
+    weights_at(row, col, w);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = In::from_float(w[j]);
+  };
+  if (col_step == 0 && first < vectors) row_piece();
+#pragma unroll 4
+  for (int64_t v = first; v < vectors; v += stride) {
+    if (col_step != 0) row_piece();
+    store_n<S, V, kVector>(dprobs + v * V, out);
+    col += col_step;
+    if (col >= cols) col -= cols;
+  }
 }
 
 // Stage 1 of the fused loss: the warp (row slot) adds the row dots of rows slot, slot + slots, ...
@@ -467,6 +517,35 @@ ffi::Error aux_loss_fwd(cudaStream_t stream, ffi::AnyBuffer probs, ffi::AnyBuffe
   });
 }
 
+// Launches the kernel with vectors of V elements, V = `width` (a power of two up to 16 bytes' worth).
+template <class In, int V = int(16 / sizeof(typename In::storage))>
+void launch_probs_bwd(cudaStream_t stream, int device, const DprobsShapes& s, int width, const float* buf, const float* g,
+            void* dprobs) {
+  using S = typename In::storage;
+  if constexpr (V > 1) {
+    if (width < V) return launch_probs_bwd<In, V / 2>(stream, device, s, width, buf, g, dprobs);
+  }
+  const int64_t vectors = s.rows * s.cols / V;
+  const int64_t blocks =
+      std::min<int64_t>((vectors + kSumThreads - 1) / kSumThreads, int64_t(sm_count(device)) * 8);
+  const bool vector = reinterpret_cast<uintptr_t>(dprobs) % (V * sizeof(S)) == 0;
+  auto kernel = vector ? aux_probs_bwd_kernel<In, V, true> : aux_probs_bwd_kernel<In, V, false>;
+  kernel<<<unsigned(blocks), kSumThreads, 0, stream>>>(s.tpe, buf, g, vectors, s.cols, static_cast<S*>(dprobs));
+}
+
+ffi::Error aux_loss_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer buf, ffi::AnyBuffer tpe, ffi::AnyBuffer g,
+                        ffi::Result<ffi::AnyBuffer> dprobs) {
+  auto shapes = check_aux_loss_bwd(buf, tpe, g, *dprobs);
+  if (shapes.has_error()) return shapes.error();
+  const DprobsShapes s = *shapes;
+  if (s.rows == 0 || s.cols == 0) return ffi::Error::Success();
+  return dispatch_float(s.dtype, [&]<class In>() {
+    const int width = probs_vector_width(s.cols, sizeof(typename In::storage));
+    launch_probs_bwd<In>(stream, device, s, width, buf.typed_data<float>(), g.typed_data<float>(), dprobs->untyped_data());
+    return launch_status("aux loss backward");
+  });
+}
+
 ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBuffer tpe,
                           ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> buf,
                           ffi::Result<ffi::AnyBuffer> workspace, int64_t score_function, float coeff) {
@@ -610,6 +689,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_loss_fwd_cuda, aux_loss_fwd,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("coeff"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_loss_bwd_cuda, aux_loss_bwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_logits_fwd_cuda, aux_logits_fwd,
