@@ -519,8 +519,8 @@ ffi::Error aux_loss_fwd(cudaStream_t stream, ffi::AnyBuffer probs, ffi::AnyBuffe
 
 // Launches the kernel with vectors of V elements, V = `width` (a power of two up to 16 bytes' worth).
 template <class In, int V = int(16 / sizeof(typename In::storage))>
-void launch_probs_bwd(cudaStream_t stream, int device, const DprobsShapes& s, int width, const float* buf, const float* g,
-            void* dprobs) {
+void launch_probs_bwd(cudaStream_t stream, int device, const DprobsShapes& s, int width, const float* buf,
+                      const float* g, void* dprobs) {
   using S = typename In::storage;
   if constexpr (V > 1) {
     if (width < V) return launch_probs_bwd<In, V / 2>(stream, device, s, width, buf, g, dprobs);
@@ -541,7 +541,8 @@ ffi::Error aux_loss_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer buf,
   if (s.rows == 0 || s.cols == 0) return ffi::Error::Success();
   return dispatch_float(s.dtype, [&]<class In>() {
     const int width = probs_vector_width(s.cols, sizeof(typename In::storage));
-    launch_probs_bwd<In>(stream, device, s, width, buf.typed_data<float>(), g.typed_data<float>(), dprobs->untyped_data());
+    launch_probs_bwd<In>(stream, device, s, width, buf.typed_data<float>(), g.typed_data<float>(),
+                         dprobs->untyped_data());
     return launch_status("aux loss backward");
   });
 }
