@@ -83,7 +83,7 @@ ffi::Error aux_loss_fwd(ffi::AnyBuffer probs, ffi::AnyBuffer tpe, ffi::Result<ff
 ffi::Error aux_loss_bwd(ffi::AnyBuffer buf, ffi::AnyBuffer tpe, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dprobs) {
   auto shapes = check_aux_loss_bwd(buf, tpe, g, *dprobs);
   if (shapes.has_error()) return shapes.error();
-  const DprobsShapes s = *shapes;
+  const ColumnShapes s = *shapes;
   if (s.rows == 0) return ffi::Error::Success();
   const ScaledCounts row{s.tpe, buf.typed_data<float>()[0] * g.typed_data<float>()[0]};
   return dispatch_float(s.dtype, [&]<class In>() {

@@ -519,7 +519,7 @@ ffi::Error aux_loss_fwd(cudaStream_t stream, ffi::AnyBuffer probs, ffi::AnyBuffe
 
 // Launches the kernel with vectors of V elements, V = `width` (a power of two up to 16 bytes' worth).
 template <class In, int V = int(16 / sizeof(typename In::storage))>
-void launch_probs_bwd(cudaStream_t stream, int device, const DprobsShapes& s, int width, const float* buf,
+void launch_probs_bwd(cudaStream_t stream, int device, const ColumnShapes& s, int width, const float* buf,
                       const float* g, void* dprobs) {
   using S = typename In::storage;
   if constexpr (V > 1) {
@@ -537,7 +537,7 @@ ffi::Error aux_loss_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer buf,
                         ffi::Result<ffi::AnyBuffer> dprobs) {
   auto shapes = check_aux_loss_bwd(buf, tpe, g, *dprobs);
   if (shapes.has_error()) return shapes.error();
-  const DprobsShapes s = *shapes;
+  const ColumnShapes s = *shapes;
   if (s.rows == 0 || s.cols == 0) return ffi::Error::Success();
   return dispatch_float(s.dtype, [&]<class In>() {
     const int width = probs_vector_width(s.cols, sizeof(typename In::storage));

@@ -32,8 +32,9 @@ struct ProbsShapes {
   int64_t blocks;
 };
 
-// d probs [T, C] of the aux loss (C_coeff · d loss · tpe[c] on every row), with tpe [C].
-struct DprobsShapes {
+// A [T, C] array of the probs loss (probs, or d probs: C_coeff · d loss · tpe[c] on every row) and the
+// counts of its columns, tpe [C].
+struct ColumnShapes {
   Dtype dtype;
   Counts tpe;
   int64_t rows;
@@ -59,6 +60,13 @@ inline bool f32_vector(const ffi::AnyBuffer& b, int64_t n) {
 // The cotangent of the loss: one float32.
 inline bool f32_scalar(const ffi::AnyBuffer& b) {
   return b.element_type() == ffi::DataType::F32 && b.element_count() == 1;
+}
+
+// What is wrong with a backward's residual buffer or its loss cotangent, or null.
+inline const char* residuals_error(const ffi::AnyBuffer& buf, const ffi::AnyBuffer& g) {
+  if (!f32_vector(buf, 2)) return "the aux loss buffer must be float32 [2]";
+  if (!f32_scalar(g)) return "the aux loss cotangent must be a float32 scalar";
+  return nullptr;
 }
 
 inline ffi::ErrorOr<RowShapes> check_rows(const ffi::AnyBuffer& logits, int64_t score_function) {
@@ -88,6 +96,17 @@ inline std::optional<Dtype> scalar_float(const ffi::AnyBuffer& b) {
 
 inline std::string loss_outputs_error() {
   return "aux loss outputs must be a float scalar, float32 [2] and float32 [" + std::to_string(kSumWorkspace) + "]";
+}
+
+// probs or d probs (`name`): a float array [T, C], with float32 or int32 counts tpe [C].
+inline ffi::ErrorOr<ColumnShapes> check_columns(const ffi::AnyBuffer& a, const ffi::AnyBuffer& tpe,
+                                                const std::string& name) {
+  const auto dims = a.dimensions();
+  const auto dtype = float_dtype(a.element_type());
+  if (dims.size() != 2 || !dtype) return fail(name + " must be a float32, bfloat16 or float16 array [T, C]");
+  const auto counts = counts_vector(tpe, dims[1]);
+  if (!counts) return fail("tokens_per_expert must be float32 or int32 [C]");
+  return ColumnShapes{*dtype, *counts, dims[0], dims[1]};
 }
 
 // d logits: the dtype and shape of logits.
@@ -126,15 +145,12 @@ inline ffi::ErrorOr<ProbsShapes> check_aux_loss_fwd(const ffi::AnyBuffer& probs,
                                                     const ffi::AnyBuffer& loss, const ffi::AnyBuffer& buf,
                                                     const ffi::AnyBuffer& workspace) {
   using namespace aux_detail;
-  const auto dims = probs.dimensions();
-  const auto dtype = float_dtype(probs.element_type());
-  if (dims.size() != 2 || !dtype) return fail("probs must be a float32, bfloat16 or float16 array [T, C]");
-  const auto counts = counts_vector(tpe, dims[1]);
-  if (!counts) return fail("tokens_per_expert must be float32 or int32 [C]");
+  const auto c = check_columns(probs, tpe, "probs");
+  if (c.has_error()) return ffi::Unexpected<ffi::Error>(c.error());
   const auto loss_dtype = scalar_float(loss);
   if (!loss_dtype || !f32_vector(buf, 2) || !f32_vector(workspace, kSumWorkspace)) return fail(loss_outputs_error());
-  ProbsShapes s{*dtype, *loss_dtype, *counts, dims[0], dims[1], 0, 0, 0};
-  s.vec = probs_vector_width(s.cols, *dtype == Dtype::kF32 ? 4 : 2);
+  ProbsShapes s{c->dtype, *loss_dtype, c->tpe, c->rows, c->cols, 0, 0, 0};
+  s.vec = probs_vector_width(s.cols, s.dtype == Dtype::kF32 ? 4 : 2);
   s.vectors = s.rows * s.cols / s.vec;
   s.blocks = sum_blocks(s.vectors, kSumThreads);
   return s;
@@ -164,23 +180,18 @@ inline ffi::ErrorOr<RowShapes> check_aux_logits_bwd(const ffi::AnyBuffer& logits
   const auto counts = counts_vector(tpe, s->experts);
   if (!counts) return fail("tokens_per_expert must be float32 or int32 [num_experts]");
   s->tpe = *counts;
-  if (!f32_vector(buf, 2)) return fail("the aux loss buffer must be float32 [2]");
-  if (!f32_scalar(g)) return fail("the aux loss cotangent must be a float32 scalar");
+  if (const char* error = residuals_error(buf, g)) return fail(error);
   if (!like(dlogits, logits)) return fail("d logits must have the dtype and shape of logits");
   return s;
 }
 
-inline ffi::ErrorOr<DprobsShapes> check_aux_loss_bwd(const ffi::AnyBuffer& buf, const ffi::AnyBuffer& tpe,
+inline ffi::ErrorOr<ColumnShapes> check_aux_loss_bwd(const ffi::AnyBuffer& buf, const ffi::AnyBuffer& tpe,
                                                      const ffi::AnyBuffer& g, const ffi::AnyBuffer& dprobs) {
   using namespace aux_detail;
-  const auto dims = dprobs.dimensions();
-  const auto dtype = float_dtype(dprobs.element_type());
-  if (dims.size() != 2 || !dtype) return fail("d probs must be a float32, bfloat16 or float16 array [T, C]");
-  const auto counts = counts_vector(tpe, dims[1]);
-  if (!counts) return fail("tokens_per_expert must be float32 or int32 [C]");
-  if (!f32_vector(buf, 2)) return fail("the aux loss buffer must be float32 [2]");
-  if (!f32_scalar(g)) return fail("the aux loss cotangent must be a float32 scalar");
-  return DprobsShapes{*dtype, *counts, dims[0], dims[1]};
+  const auto c = check_columns(dprobs, tpe, "d probs");
+  if (c.has_error()) return c;
+  if (const char* error = residuals_error(buf, g)) return fail(error);
+  return c;
 }
 
 }  // namespace jax_moe
