@@ -321,20 +321,26 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// Sum of one float per thread of the block, in a fixed order; the result is valid in thread 0.
-__device__ float block_sum(float v) {
-  __shared__ float partial[kRowThreads / 32];
-  for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+// Per-slot sums over the block of K floats per thread, in a fixed order: thread u < K gets slot u's sum.
+template <int K>
+__device__ float block_slot_sums(float (&v)[K]) {
+  __shared__ float partial[kRowThreads / 32][K];
+#pragma unroll
+  for (int u = 0; u < K; ++u) {
+    for (int off = 16; off; off >>= 1) v[u] += __shfl_xor_sync(kFull, v[u], off);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5][u] = v[u];
+  }
   __syncthreads();
   float total = 0.0f;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kRowThreads / 32; ++w) total += partial[w];
+  if (threadIdx.x < K)
+    for (int w = 0; w < kRowThreads / 32; ++w) total += partial[w][threadIdx.x];
   __syncthreads();  // partial is reused by the next call
   return total;
 }
 
 // Unpermute backward: d y_sorted[pos(t, j)] = w(t, j) · dy[t], d w(t, j) = <dy[t], y_sorted[pos(t, j)]>.
+// The slots are taken kSlots at a time: a thread loads its packet of every slot's row together (several
+// loads in flight, dy read once), and one block reduction gives all their dot products.
 template <class In, int N>
 __global__ void __launch_bounds__(kRowThreads)
     unpermute_bwd_kernel(RowArgs a, const typename In::storage* __restrict__ dy,
@@ -342,32 +348,47 @@ __global__ void __launch_bounds__(kRowThreads)
                          const void* __restrict__ weights, Dtype w_dtype, typename In::storage* __restrict__ dys,
                          void* __restrict__ dweights) {
   using S = typename In::storage;
+  constexpr int kSlots = 8;
   const int64_t packets = a.hidden / N;
   for (int64_t bt = blockIdx.x; bt < a.batches * a.tokens; bt += gridDim.x) {
     const int64_t b = bt / a.tokens, t = bt % a.tokens;
     const S* g = dy + bt * a.hidden;
-    for (int64_t j = 0; j < a.topk; ++j) {
-      const int32_t r = __ldg(pos + b * a.pairs + t * a.topk + j);
-      float dot = 0.0f;
-      if (r >= 0 && r < a.pairs) {  // uniform over the block
-        const float w = load_float(weights, bt * a.topk + j, w_dtype);
-        const int64_t row = (b * a.pairs + r) * a.hidden;
-#pragma unroll 2
-        for (int64_t v = threadIdx.x; v < packets; v += blockDim.x) {
-          const Packet<S, N> gp = load_packet<S, N>(g + v * N);
-          const Packet<S, N> yp = load_packet<S, N>(ys + row + v * N);
+    for (int64_t j0 = 0; j0 < a.topk; j0 += kSlots) {
+      int64_t row[kSlots];  // element offset of the slot's row, -1 without one
+      float w[kSlots], dot[kSlots];
+#pragma unroll
+      for (int u = 0; u < kSlots; ++u) {
+        const int64_t j = j0 + u;
+        const int32_t r = j < a.topk ? __ldg(pos + b * a.pairs + t * a.topk + j) : -1;
+        const bool has_row = r >= 0 && r < a.pairs;
+        row[u] = has_row ? (b * a.pairs + r) * a.hidden : -1;
+        w[u] = has_row ? load_float(weights, bt * a.topk + j, w_dtype) : 0.0f;
+        dot[u] = 0.0f;
+      }
+      for (int64_t v = threadIdx.x; v < packets; v += blockDim.x) {
+        const Packet<S, N> gp = load_packet<S, N>(g + v * N);
+        Packet<S, N> yp[kSlots];
+#pragma unroll
+        for (int u = 0; u < kSlots; ++u)
+          if (row[u] >= 0) yp[u] = load_packet<S, N>(ys + row[u] + v * N);
+        float gf[N];
+#pragma unroll
+        for (int i = 0; i < N; ++i) gf[i] = In::to_float(gp.v[i]);
+#pragma unroll
+        for (int u = 0; u < kSlots; ++u) {
+          if (row[u] < 0) continue;
           Packet<S, N> res;
 #pragma unroll
           for (int i = 0; i < N; ++i) {
-            const float gi = In::to_float(gp.v[i]);
-            dot = fmaf(gi, In::to_float(yp.v[i]), dot);
-            res.v[i] = In::from_float(w * gi);
+            dot[u] = fmaf(gf[i], In::to_float(yp[u].v[i]), dot[u]);
+            res.v[i] = In::from_float(w[u] * gf[i]);
           }
-          store_packet<S, N>(dys + row + v * N, res);
+          store_packet<S, N>(dys + row[u] + v * N, res);
         }
       }
-      dot = block_sum(dot);
-      if (threadIdx.x == 0) store_float(dweights, bt * a.topk + j, dot, w_dtype);
+      const float sum = block_slot_sums<kSlots>(dot);
+      if (threadIdx.x < kSlots && j0 + threadIdx.x < a.topk)
+        store_float(dweights, bt * a.topk + j0 + threadIdx.x, sum, w_dtype);
     }
   }
 }
