@@ -275,8 +275,9 @@ __global__ void __launch_bounds__(kRowThreads)
 // would cost a third pass over the logits (with many rows in flight the second read misses the caches),
 // so the first walk keeps a copy: in registers for rows of up to 8 chunks a lane of a warp, in the
 // block's shared memory for longer ones. A copy holds this lane's chunks only (for_row's assignment:
-// chunk c to lane c % nlanes), so a lane reads back what it wrote. Both need a row of whole, 16-byte
-// aligned chunks.
+// chunk c to lane c % nlanes), so a lane reads back what it wrote. A copy is a walk of the row
+// (row_access.h). Both need a row of whole, 16-byte aligned chunks, and d logits aligned alike (the
+// kernels pass known_aligned).
 template <class Lanes, class In, int R>
 struct RowInRegisters {
   using S = typename In::storage;
@@ -294,7 +295,7 @@ struct RowInRegisters {
 
   // Calls f(e0, xv) for this lane's chunks, in for_row's order.
   template <class F>
-  __device__ void walk(F f) const {
+  __device__ void operator()(F f) const {
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       if (chunk(i) >= chunks) return;
@@ -322,7 +323,7 @@ struct RowInShared {
   }
 
   template <class F>
-  __device__ void walk(F f) const {
+  __device__ void operator()(F f) const {
     for (int64_t c = L.lane; c < chunks; c += L.nlanes) {
       S v[V];
       load_chunk(reinterpret_cast<const S*>(copy + c), true, v);
@@ -355,21 +356,6 @@ struct BlockLanes {
   __device__ float sum(float v) const { return reduce(v, [](float a, float b) { return a + b; }); }
 };
 
-// d logits of one row of the fused loss (clean_scores_bwd_row) from a copy of the row.
-template <class Lanes, class In, class Row>
-__device__ void copied_row_bwd(const Lanes& L, ScoreFunction f, const Row& row, const ScaledCounts& dscores,
-                               typename In::storage* dx) {
-  const CleanGrad cg = clean_grad_of(f, row_sums_of(L, f, [&](auto fn) { row.walk(fn); }, dscores));
-  row.walk([&](int64_t e0, const auto& xv) {
-    constexpr int N = int(sizeof(xv) / sizeof(float));
-    float w[N], y[N];
-    weights_at(dscores, e0, w);
-#pragma unroll
-    for (int j = 0; j < N; ++j) y[j] = cg.dx(xv[j], w[j]);
-    store_piece<In>(dx, true, e0, y);
-  });
-}
-
 // The logits backward for rows of up to 8 chunks a lane: W lanes a row (a group of a warp's lanes), R
 // chunks a lane, in registers.
 template <class In, int W, int R>
@@ -381,8 +367,8 @@ __global__ void __launch_bounds__(kRowThreads)
   const auto L = Rows::lanes();
   const ScaledCounts dscores{tpe, buf[0] * g[0]};
   for (int64_t t = Rows::first(); t < T; t += Rows::stride())
-    copied_row_bwd<GroupLanes<W>, In>(L, f, RowInRegisters<GroupLanes<W>, In, R>(L, x + t * E, E), dscores,
-                                      dx + t * E);
+    clean_scores_bwd_of<GroupLanes<W>, In>(L, f, RowInRegisters<GroupLanes<W>, In, R>(L, x + t * E, E), dscores,
+                                           dx + t * E, true);
 }
 
 // The logits backward for longer rows: a block a row, its copy in dynamic shared memory (kShared), or
@@ -399,8 +385,8 @@ __global__ void __launch_bounds__(kRowThreads)
   const ScaledCounts dscores{tpe, buf[0] * g[0]};
   for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
     if constexpr (kShared)
-      copied_row_bwd<BlockLanes, In>(L, f, RowInShared<BlockLanes, In>(L, x + t * E, E, row_copy), dscores,
-                                     dx + t * E);
+      clean_scores_bwd_of<BlockLanes, In>(L, f, RowInShared<BlockLanes, In>(L, x + t * E, E, row_copy), dscores,
+                                          dx + t * E, true);
     else
       clean_scores_bwd_row<BlockLanes, In>(L, f, x + t * E, E, dscores, dx + t * E);
   }

@@ -124,10 +124,10 @@ struct RowSums {
   }
 };
 
-// Row sums of the pieces walk(fn) passes to fn(e0, xv) (for_row's pieces, from memory or a copy):
-// Σ numerator and Σ numerator · v(e), combined over the lanes.
+// Row sums of a walk's pieces (row_access.h: from memory or a copy): Σ numerator and Σ numerator · v(e),
+// combined over the lanes.
 template <class Lanes, class Walk, class V>
-MOE_HD RowSums row_sums_of(const Lanes& L, ScoreFunction f, Walk walk, V v) {
+MOE_HD RowSums row_sums_of(const Lanes& L, ScoreFunction f, const Walk& walk, V v) {
   RowSums r;
   if (f == ScoreFunction::kSoftmax) {
     walk([&](int64_t e0, const auto& xv) { r.add_softmax(e0, xv, v); });
@@ -140,7 +140,7 @@ MOE_HD RowSums row_sums_of(const Lanes& L, ScoreFunction f, Walk walk, V v) {
 // Row sums in one pass over x.
 template <class Lanes, class In, class V>
 MOE_HD RowSums row_sums(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, V v) {
-  return row_sums_of(L, f, [&](auto fn) { for_row<Lanes, In>(L, x, n, fn); }, v);
+  return row_sums_of(L, f, row_walk<Lanes, In>(L, x, n), v);
 }
 
 // The statistics of a row's clean scores, from one pass over it.
@@ -182,12 +182,20 @@ MOE_HD CleanGrad clean_grad(const Lanes& L, ScoreFunction f, const typename In::
   return clean_grad_of(f, row_sums<Lanes, In>(L, f, x, n, g));
 }
 
-// d logits of one row given d scores g(e), written to every dx[e].
+// d logits of the row a walk visits, given d scores g(e), written to every dx[e] as Out: walks it twice,
+// for its sums, then for d logits (known_aligned: as in map_pieces).
+template <class Lanes, class Out, class Walk, class G>
+MOE_HD void clean_scores_bwd_of(const Lanes& L, ScoreFunction f, const Walk& walk, G g, typename Out::storage* dx,
+                                bool known_aligned) {
+  const CleanGrad cg = clean_grad_of(f, row_sums_of(L, f, walk, g));
+  map_pieces_weighted<Out>(walk, dx, known_aligned, g, [&](float xe, float ge) { return cg.dx(xe, ge); });
+}
+
+// d logits of one row in memory.
 template <class Lanes, class In, class G>
 MOE_HD void clean_scores_bwd_row(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, G g,
                                  typename In::storage* dx) {
-  const CleanGrad cg = clean_grad<Lanes, In>(L, f, x, n, g);
-  map_row_weighted<Lanes, In, In>(L, x, n, dx, g, [&](float xe, float ge) { return cg.dx(xe, ge); });
+  clean_scores_bwd_of<Lanes, In>(L, f, row_walk<Lanes, In>(L, x, n), g, dx, false);
 }
 
 // ------------------------------------------------------------------ top-k

@@ -70,6 +70,14 @@ MOE_HD void for_row(const Lanes& L, const typename In::storage* x, int64_t n, F 
   }
 }
 
+// A walk of a row is a callable: walk(fn) calls fn(e0, xv) for this lane's pieces in for_row's order,
+// read from memory (row_walk) or from a copy of the row (the CUDA logits backward), so an algorithm
+// written over a walk runs on either. Algorithms take walks by reference: a copy in registers is one.
+template <class Lanes, class In>
+MOE_HD auto row_walk(const Lanes& L, const typename In::storage* x, int64_t n) {
+  return [=](auto fn) { for_row<Lanes, In>(L, x, n, fn); };
+}
+
 // w[j] = v(e0 + j) for a chunk of per-expert weights; types with a faster way to read a chunk
 // overload it (Counts: 16-byte loads).
 template <int N, class V>
@@ -93,13 +101,13 @@ MOE_HD void store_piece(typename Out::storage* out, bool aligned, int64_t e0, co
   }
 }
 
-// out[e0 + j] = Out::from_float(y[j]) where f(e0, xv, y) fills y from each piece xv of this lane's share
-// of the row (for_row's pieces).
-template <class Lanes, class In, class Out, class F>
-MOE_HD void map_row_pieces(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out,
-                           F f) {
-  const bool out_aligned = aligned16(out);
-  for_row<Lanes, In>(L, x, n, [&](int64_t e0, const auto& xv) {
+// out[e0 + j] = Out::from_float(y[j]) where f(e0, xv, y) fills y from each piece xv of the walk, with
+// 16-byte stores where out is aligned: checked here unless the caller knows it (known_aligned), which
+// spares the kernels the check and the element-wise stores.
+template <class Out, class Walk, class F>
+MOE_HD void map_pieces(const Walk& walk, typename Out::storage* out, bool known_aligned, F f) {
+  const bool out_aligned = known_aligned || aligned16(out);
+  walk([&](int64_t e0, const auto& xv) {
     constexpr int N = int(sizeof(xv) / sizeof(float));
     float y[N];
     f(e0, xv, y);
@@ -110,17 +118,16 @@ MOE_HD void map_row_pieces(const Lanes& L, const typename In::storage* x, int64_
 // out[e] = Out::from_float(f(e, x_e)) for the elements this lane owns (the same share as for_row).
 template <class Lanes, class In, class Out, class F>
 MOE_HD void map_row(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out, F f) {
-  map_row_pieces<Lanes, In, Out>(L, x, n, out, [&](int64_t e0, const auto& xv, auto& y) {
+  map_pieces<Out>(row_walk<Lanes, In>(L, x, n), out, false, [&](int64_t e0, const auto& xv, auto& y) {
 #pragma unroll
     for (int j = 0; j < int(sizeof(xv) / sizeof(float)); ++j) y[j] = f(e0 + j, xv[j]);
   });
 }
 
-// out[e] = Out::from_float(f(x_e, v(e))): map_row with a per-expert weight read a piece at a time.
-template <class Lanes, class In, class Out, class V, class F>
-MOE_HD void map_row_weighted(const Lanes& L, const typename In::storage* x, int64_t n, typename Out::storage* out,
-                             const V& v, F f) {
-  map_row_pieces<Lanes, In, Out>(L, x, n, out, [&](int64_t e0, const auto& xv, auto& y) {
+// out[e] = Out::from_float(f(x_e, v(e))): map_pieces with a per-expert weight read a piece at a time.
+template <class Out, class Walk, class V, class F>
+MOE_HD void map_pieces_weighted(const Walk& walk, typename Out::storage* out, bool known_aligned, const V& v, F f) {
+  map_pieces<Out>(walk, out, known_aligned, [&](int64_t e0, const auto& xv, auto& y) {
     constexpr int N = int(sizeof(xv) / sizeof(float));
     float w[N];
     weights_at(v, e0, w);
