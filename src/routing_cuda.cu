@@ -58,14 +58,14 @@ __device__ int packed_expert(uint64_t c) { return int(~uint32_t(c)); }
 constexpr int kCandRow = kMaxSegmentTopk + 4;
 
 // Per-warp shared memory of the segment path. Element i of warp lane l lives at [i / 4][l][i % 4]:
-// the 16-byte accesses of a warp's lanes are then contiguous, free of bank conflicts. The aux variant
-// passes each token's clean scores between the warp's segments where the keys are (score). The rows
-// of cand and pick are padded so that the segments' rows start on different banks.
+// the 16-byte accesses of a warp's lanes are then contiguous, free of bank conflicts. After the last
+// token, the aux variant keeps each lane's clean-score column sums where its keys were. The rows of
+// cand and pick are padded so that the segments' rows start on different banks.
 template <int S, int V>
 struct SegmentScratch {
   union {
     uint4 key[V / 4][32];
-    float4 score[V / 4][32];
+    float4 colsum[V / 4][32];
   };
   alignas(16) uint64_t cand[32 / S][kCandRow];
   int32_t pick[32 / S][kMaxSegmentTopk + 1];  // expert of rank j
@@ -73,22 +73,8 @@ struct SegmentScratch {
   __device__ uint32_t key_at(int lane, int i) const {
     return reinterpret_cast<const uint32_t*>(&key[i / 4][lane])[i % 4];
   }
-  __device__ float score_at(int lane, int i) const {
-    return reinterpret_cast<const float*>(&score[i / 4][lane])[i % 4];
-  }
-};
-
-// The aux variant's clean-score column sums of a warp, in shared memory (in registers they would cost
-// the kernel occupancy). Lane sl of every segment sees experts [sl*V, sl*V + V); segment q keeps the
-// sums of part q of them: kOwned a lane, at sums[j][lane].
-template <int S, int V>
-struct WarpColumnSums {
-  static constexpr int kOwned = V * S / 32;
-  float sums[kOwned][32];
-
-  __device__ float of_expert(int e) const {
-    const int sl = e / V, q = e % V / kOwned;
-    return sums[e % kOwned][q * S + sl];
+  __device__ float colsum_at(int lane, int i) const {
+    return reinterpret_cast<const float*>(&colsum[i / 4][lane])[i % 4];
   }
 };
 
@@ -300,39 +286,11 @@ __device__ uint32_t route_threshold(const SegmentLanes<S>& g, const RouteConfig&
   return candidate_threshold<S, V>(g, int(c.topk), key, group.kept);
 }
 
-// Adds one token's clean scores num[i] * scale (scale 0 for a segment past the last token) to the
-// column sums; the segments first add up their scores of each part through shared memory, in segment
-// order.
-template <int S, int V>
-__device__ void add_column_sums(const SegmentLanes<S>& g, const float (&num)[V], float scale,
-                                SegmentScratch<S, V>& s, WarpColumnSums<S, V>& cs) {
-  constexpr int kSegments = 32 / S, kOwned = WarpColumnSums<S, V>::kOwned;
-  if constexpr (kSegments == 1) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) cs.sums[i][g.lane] += num[i] * scale;
-  } else {
-    __syncwarp();  // the previous token's keys may still be read
-#pragma unroll
-    for (int c4 = 0; c4 < V / 4; ++c4)
-      s.score[c4][g.lane] = make_float4(num[4 * c4] * scale, num[4 * c4 + 1] * scale, num[4 * c4 + 2] * scale,
-                                        num[4 * c4 + 3] * scale);
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < kOwned; ++j) {
-      float part = 0.0f;
-#pragma unroll
-      for (int q = 0; q < kSegments; ++q) part += s.score_at(q * S + g.sl, g.segment() * kOwned + j);
-      cs.sums[j][g.lane] += part;
-    }
-    __syncwarp();  // the keys go there next
-  }
-}
-
 // Fused aux statistics of one token: clean scores into this lane's column sums, its top-k experts
 // by clean score into the block's histogram.
 template <int S, int V>
 __device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, const float (&x)[V], int E,
-                                  bool valid, SegmentScratch<S, V>& s, WarpColumnSums<S, V>& cs, int* counts) {
+                                  bool valid, SegmentScratch<S, V>& s, float (&colsum)[V], int* counts) {
   const Carry k = score_carry(a.score_function);
   float mx = 0.0f;
   if (k == Carry::kSoftmax) {
@@ -346,10 +304,13 @@ __device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, 
 #pragma unroll
   for (int i = 0; i < V; ++i) total += num[i];
   const float inv_denom = 1.0f / (k == Carry::kSoftmax ? g.sum(total) : g.sum(total) + kEps);  // as CleanStats
-  add_column_sums<S, V>(g, num, valid ? inv_denom : 0.0f, s, cs);
   uint32_t key[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) key[i] = rank_key(num[i] * inv_denom);
+  for (int i = 0; i < V; ++i) {
+    const float score = num[i] * inv_denom;
+    if (valid) colsum[i] += score;
+    key[i] = rank_key(score);
+  }
   exclude_padding<S, V>(g, E, key);
   segment_topk<S, V>(g, int(a.topk), key, true, candidate_threshold<S, V>(g, int(a.topk), key, true), s);
   if (valid)
@@ -396,18 +357,15 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
   }
 }
 
-// Routes one token given this lane's logits x (loaded by the caller, ahead of time).
 template <class In, int S, int V, bool kAux>
 __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig& c, const AuxConfig& a, int lpg,
-                                    const typename In::storage* row, float (&x)[V], bool valid, const float4* bias,
-                                    SegmentScratch<S, V>& s, WarpColumnSums<S, V>* cs, int* counts, float* w_out,
+                                    const typename In::storage* row, bool valid, const float4* bias,
+                                    SegmentScratch<S, V>& s, float (&colsum)[V], int* counts, float* w_out,
                                     int32_t* idx_out) {
   const int E = int(c.num_experts);
-  if constexpr (kAux) {
-    aux_token_segment<S, V>(g, a, x, E, valid, s, *cs, counts);
-    // Loaded again (from cache) rather than kept in registers through the aux selection.
-    load_segment_row<In, S, V>(g, row, E, x);
-  }
+  float x[V];
+  load_segment_row<In, S, V>(g, row, E, x);
+  if constexpr (kAux) aux_token_segment<S, V>(g, a, x, E, valid, s, colsum, counts);
 
   const Carry k = route_carry(c);
   float mx = 0.0f, inv_sum = 1.0f;
@@ -438,60 +396,52 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
 }
 
 // Dynamic shared memory: the bias [S*V] (0 past E; see bias_slot), for the aux variant the block's
-// top-k counts [S*V], then one SegmentScratch per warp, and for the aux variant one WarpColumnSums per warp.
+// top-k counts [S*V], then one SegmentScratch per warp.
 template <int S, int V, bool kAux>
 constexpr size_t segment_smem_bytes() {
-  return size_t(S * V) * sizeof(float) * (kAux ? 2 : 1) +
-         kWarpsPerBlock * (sizeof(SegmentScratch<S, V>) + (kAux ? sizeof(WarpColumnSums<S, V>) : 0));
+  return size_t(S * V) * sizeof(float) * (kAux ? 2 : 1) + kWarpsPerBlock * sizeof(SegmentScratch<S, V>);
 }
 
-// Register cap: 64, four blocks an SM (sm_90a, nvcc 13.0): nothing spills but a few words of the aux
-// variant with 32 experts a lane.
+// Register caps that spill nothing (sm_90a, nvcc 13.0): 64 for routing, four blocks an SM; 128 for the
+// aux variant, two blocks (at 80 it spills).
 template <class In, int S, int V, bool kAux>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
-    route_segment_kernel(RouteConfig c, const typename In::storage* __restrict__ xs, BiasLoader bias, int64_t T,
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kAux ? 2 : 4)
+    route_segment_kernel(RouteConfig c, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
                          int lpg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
   constexpr int kPad = S * V, kTokensPerWarp = 32 / S;
   extern __shared__ __align__(16) float smem[];
   float* sbias = smem;
   int* counts = reinterpret_cast<int*>(smem + kPad);
   auto* scratch = reinterpret_cast<SegmentScratch<S, V>*>(smem + kPad * (kAux ? 2 : 1));
-  auto* column_sums = reinterpret_cast<WarpColumnSums<S, V>*>(scratch + kWarpsPerBlock);
   const int E = int(c.num_experts);
-  const int warp = threadIdx.x / 32;
-  const SegmentLanes<S> g(threadIdx.x & 31);
-  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kTokensPerWarp;
-  const int64_t first = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * kTokensPerWarp;
-  const auto row_of = [&](int64_t t0) {  // segments past the last token route a copy of it
-    const int64_t t = t0 + g.segment();
-    return t < T ? t : T - 1;
-  };
-  // Rows of up to 16 experts a lane are loaded before the bias is staged, so that the two loads
-  // overlap (small T is bound by their latency). With 32 experts a lane, that spills at the register cap.
-  constexpr bool kEarlyRow = V <= 16;
-  float x[V];
-  if (kEarlyRow && first < T) load_segment_row<In, S, V>(g, xs + row_of(first) * E, E, x);
-  SegmentScratch<S, V>& s = scratch[warp];
   for (int e = threadIdx.x; e < kPad; e += blockDim.x) {
     sbias[bias_slot<S, V>(e)] = e < E ? bias(e) + 0.0f : 0.0f;  // once per block; never -0.0 (rank_key_no_neg_zero)
     if constexpr (kAux) counts[e] = 0;
   }
-  if constexpr (kAux)
-#pragma unroll
-    for (int j = 0; j < WarpColumnSums<S, V>::kOwned; ++j) column_sums[warp].sums[j][g.lane] = 0.0f;
   __syncthreads();
-  for (int64_t t0 = first; t0 < T; t0 += stride) {
-    const int64_t row = row_of(t0);
-    if (!kEarlyRow || t0 != first) load_segment_row<In, S, V>(g, xs + row * E, E, x);
-    route_token_segment<In, S, V, kAux>(g, c, aux.cfg, lpg, xs + row * E, x, t0 + g.segment() < T,
-                                        reinterpret_cast<const float4*>(sbias) + g.sl, s, column_sums + warp,
-                                        counts, w + row * c.topk, idx + row * c.topk);
+  const int warp = threadIdx.x / 32;
+  const SegmentLanes<S> g(threadIdx.x & 31);
+  SegmentScratch<S, V>& s = scratch[warp];
+  float colsum[V] = {};
+  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kTokensPerWarp;
+  for (int64_t t0 = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * kTokensPerWarp; t0 < T; t0 += stride) {
+    const int64_t t = t0 + g.segment();
+    const bool valid = t < T;
+    const int64_t row = valid ? t : T - 1;
+    route_token_segment<In, S, V, kAux>(g, c, aux.cfg, lpg, x + row * E, valid,
+                                        reinterpret_cast<const float4*>(sbias) + g.sl, s, colsum, counts,
+                                        w + row * c.topk, idx + row * c.topk);
   }
   if constexpr (kAux) {
+    __syncwarp();
+#pragma unroll
+    for (int c4 = 0; c4 < V / 4; ++c4)
+      s.colsum[c4][g.lane] = make_float4(colsum[4 * c4], colsum[4 * c4 + 1], colsum[4 * c4 + 2], colsum[4 * c4 + 3]);
     __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {  // added in warp order: deterministic
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {  // added in (warp, segment) order: deterministic
       float acc = 0.0f;
-      for (int wi = 0; wi < kWarpsPerBlock; ++wi) acc += column_sums[wi].of_expert(e);
+      for (int wi = 0; wi < kWarpsPerBlock; ++wi)
+        for (int sg = 0; sg < kTokensPerWarp; ++sg) acc += scratch[wi].colsum_at(sg * S + e / V, e % V);
       aux.ws_colsum[int64_t(blockIdx.x) * E + e] = acc;
       aux.ws_counts[int64_t(blockIdx.x) * E + e] = counts[e];
     }
@@ -823,11 +773,8 @@ template <class In, int S, int V, bool kAux>
 void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, int lpg,
                     float* w, int32_t* idx) {
   constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
-  static_assert(smem <= 96 * 1024, "the segment path needs two blocks an SM at least");
+  static_assert(smem <= 48 * 1024, "the segment path must fit the default shared memory limit");
   const auto kernel = route_segment_kernel<In, S, V, kAux>;
-  // Past 48 KB a kernel must opt in, on each device (where that fails, so does the launch, which is
-  // reported).
-  if constexpr (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   // At most one resident wave: the blocks' setup (the bias in shared memory) is then paid once per
   // block slot, and every warp routes about as many tokens as the others. (The aux variant's grid is
   // its workspace's block count.)
