@@ -15,12 +15,11 @@
 // cudaMemsetAsync) adds all partials in a fixed order. The grid depends only on the shapes.
 #include <cuda_runtime.h>
 
-#include <array>
-#include <atomic>
 #include <cstdint>
 #include <string>
 
 #include "aux_loss_ffi.h"
+#include "cuda_launch.h"
 #include "handlers.h"
 #include "lanes_cuda.cuh"
 
@@ -393,29 +392,11 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // ------------------------------------------------------------------ launch
-// Queried once per device: handlers run on many calls, possibly from several threads.
-int sm_count(int device) {
-  static std::array<std::atomic<int>, 64> sms{};
-  const int slot = device & 63;
-  if (sms[slot].load() == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    sms[slot].store(n > 0 ? n : 1);
-  }
-  return sms[slot].load();
-}
-
-ffi::Error launch_status(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_moe: ") + what + ": " + cudaGetErrorString(err));
-}
-
 // Grid of a row kernel whose result does not depend on it: enough blocks to fill the GPU, looping over rows.
 template <int W>
 unsigned row_grid(int64_t tokens, int device, int blocks_per_sm) {
   const int64_t blocks = (tokens + RowGroup<W>::kPerBlock - 1) / RowGroup<W>::kPerBlock;
-  return unsigned(std::min<int64_t>(blocks, int64_t(sm_count(device)) * blocks_per_sm));
+  return unsigned(std::min<int64_t>(blocks, int64_t(device_limits(device).sm_count) * blocks_per_sm));
 }
 
 // Runs f.template operator()<W>() for W = row_lanes(experts, elem_bytes).
@@ -513,7 +494,7 @@ void launch_probs_bwd(cudaStream_t stream, int device, const ColumnShapes& s, in
   }
   const int64_t vectors = s.rows * s.cols / V;
   const int64_t blocks =
-      std::min<int64_t>((vectors + kSumThreads - 1) / kSumThreads, int64_t(sm_count(device)) * 8);
+      std::min<int64_t>((vectors + kSumThreads - 1) / kSumThreads, int64_t(device_limits(device).sm_count) * 8);
   const bool vector = reinterpret_cast<uintptr_t>(dprobs) % (V * sizeof(S)) == 0;
   auto kernel = vector ? aux_probs_bwd_kernel<In, V, true> : aux_probs_bwd_kernel<In, V, false>;
   kernel<<<unsigned(blocks), kSumThreads, 0, stream>>>(s.tpe, buf, g, vectors, s.cols, static_cast<S*>(dprobs));
@@ -604,7 +585,7 @@ ffi::Error launch_logits_bwd_block(cudaStream_t stream, int32_t device, const Ro
   const size_t smem = kShared ? size_t(s.experts) * sizeof(S) : 0;
   const auto kernel = aux_logits_bwd_block_kernel<In, kShared>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  const unsigned grid = unsigned(std::min<int64_t>(s.tokens, int64_t(sm_count(device)) * 8));
+  const unsigned grid = unsigned(std::min<int64_t>(s.tokens, int64_t(device_limits(device).sm_count) * 8));
   kernel<<<grid, kRowThreads, smem, stream>>>(s.f, static_cast<const S*>(x), s.tpe, buf, g, s.tokens, s.experts,
                                              static_cast<S*>(dx));
   return launch_status("aux loss from logits backward");

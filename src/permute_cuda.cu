@@ -27,11 +27,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <cstring>
 #include <string>
 
+#include "cuda_launch.h"
 #include "ffi_helpers.h"
 #include "handlers.h"
 #include "permute_ffi.h"
@@ -425,28 +424,6 @@ __global__ void __launch_bounds__(kFillThreads)
 }
 
 // ------------------------------------------------------------------- launch
-struct DeviceLimits {
-  int sm_count;
-};
-
-// Queried once per device: handlers run on many calls, possibly from several threads.
-DeviceLimits device_limits(int device) {
-  static std::array<std::atomic<int>, 64> sms{};
-  const int slot = device & 63;
-  if (sms[slot].load() == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    sms[slot].store(n > 0 ? n : 1);
-  }
-  return {sms[slot].load()};
-}
-
-ffi::Error launch_status(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_moe: ") + what + ": " + cudaGetErrorString(err));
-}
-
 // Blocks for `items` work items of `per_block` each, capped so that blocks loop over the rest.
 unsigned grid_for(int64_t items, int64_t per_block, const DeviceLimits& dev, int64_t blocks_per_sm) {
   const int64_t blocks = (items + per_block - 1) / per_block;

@@ -11,11 +11,10 @@
 // Backward: the shared backward row algorithm, run by 1, 8 or 32 lanes a token (dispatch_bwd_lanes).
 #include <cuda_runtime.h>
 
-#include <array>
-#include <atomic>
 #include <string>
 #include <type_traits>
 
+#include "cuda_launch.h"
 #include "ffi_helpers.h"
 #include "handlers.h"
 #include "lanes_cuda.cuh"
@@ -690,31 +689,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 }
 
 // ------------------------------------------------------------------- launch
-struct DeviceLimits {
-  int sm_count;
-  int smem_optin;  // bytes of dynamic shared memory a block may opt in to
-};
-
-// Queried once per device: handlers run on many calls, possibly from several threads.
-DeviceLimits device_limits(int device) {
-  static std::array<std::atomic<int>, 64> sms{}, smem{};
-  const int slot = device & 63;
-  if (sms[slot].load() == 0) {
-    int n = 0, bytes = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    smem[slot].store(bytes);
-    sms[slot].store(n > 0 ? n : 1);
-  }
-  return {sms[slot].load(), smem[slot].load()};
-}
-
-ffi::Error launch_status(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_moe: ") + what + ": " + cudaGetErrorString(err));
-}
-
 // The smallest power of two >= E, for the thread path (E <= 32).
 int thread_row_width(int64_t E) {
   int v = 1;
