@@ -339,7 +339,7 @@ __device__ float block_slot_sums(float (&v)[K]) {
 
 // Unpermute backward: d y_sorted[pos(t, j)] = w(t, j) · dy[t], d w(t, j) = <dy[t], y_sorted[pos(t, j)]>.
 // The slots are taken kSlots at a time: a thread loads its packet of every slot's row together (several
-// loads in flight, dy read once), and one block reduction gives all their dot products.
+// loads in flight, dy read once for them), and one block reduction gives all their dot products.
 template <class In, int N>
 __global__ void __launch_bounds__(kRowThreads)
     unpermute_bwd_kernel(RowArgs a, const typename In::storage* __restrict__ dy,
