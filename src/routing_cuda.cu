@@ -41,7 +41,8 @@ struct AuxArgs {
 //  3. tau, a key that at least k keys reach, and usually few more: the smallest second-best key
 //     of the kept groups where those suffice (DeepSeek-V3), else the k-th largest of the
 //     segment's kChunks * S chunk maxima;
-//  4. the keys >= tau (at most 32, else the exact fallback) are ranked against each other.
+//  4. the keys >= tau (at most 32, else the exact fallback) are sorted (at most 2S: two a lane) or
+//     ranked against each other.
 // That is O(V) work per lane and O(k log S) shuffles per token, where k rounds of arg-max over the
 // row would take O(k V).
 constexpr int kChunks = 4;    // chunk maxima per lane
@@ -205,6 +206,37 @@ __device__ void topk_by_rounds(const SegmentLanes<S>& g, int k, const uint32_t (
   __syncwarp();
 }
 
+// Writes the experts of a segment's k best candidates, in rank order, to pick, where it has at most
+// 2S of them: a bitonic sort (descending) of cand[0, 2S), zeros past total (they sort last), holding
+// elements sl and S + sl in lane sl. With 8 lanes a segment that beats counting each candidate's rank,
+// which costs a lane two or more passes over the candidates.
+template <int S>
+__device__ void sort_candidates(const SegmentLanes<S>& g, int total, int k, const uint64_t* cand, int32_t* pick) {
+  uint64_t v[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) v[r] = r * S + g.sl < total ? cand[r * S + g.sl] : 0;
+#pragma unroll
+  for (int size = 2; size <= 2 * S; size <<= 1)
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      if (stride == S) {  // partners in one lane, in the final, descending block
+        const uint64_t hi = max(v[0], v[1]), lo = min(v[0], v[1]);
+        v[0] = hi, v[1] = lo;
+        continue;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = r * S + g.sl;
+        const uint64_t other = __shfl_xor_sync(kFullMask, v[r], stride);
+        const bool keep_max = ((i & stride) == 0) == ((i & size) == 0);  // lower element of a descending block
+        if ((other > v[r]) == keep_max) v[r] = other;
+      }
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    if (r * S + g.sl < k) pick[r * S + g.sl] = packed_expert(v[r]);
+}
+
 // Writes the experts of the segment's k best keys, in rank order, to s.pick[segment][0, k), given
 // tau <= the k-th best key. alive = false: this lane's keys do not take part (its group was dropped).
 template <int S, int V>
@@ -230,6 +262,13 @@ __device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&k
   const int padded = (total + 3) & ~3;
   if (total + g.sl < padded) cand[total + g.sl] = 0;
   __syncwarp();
+  if constexpr (S < 32) {
+    if (!__any_sync(kFullMask, total > 2 * S)) {
+      sort_candidates<S>(g, total, k, cand, s.pick[seg]);
+      __syncwarp();
+      return;
+    }
+  }
   for (int q = g.sl; q < total; q += S) {  // rank = how many candidates rank before this one
     const uint64_t c = cand[q];
     int rank = 0;
