@@ -628,9 +628,7 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_scores_fwd_cuda, aux_scores_fwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              bind_stream_and_device()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -639,9 +637,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_scores_fwd_cuda, aux_scores_fwd,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_scores_bwd_cuda, aux_scores_bwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              bind_stream_and_device()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -660,9 +656,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_loss_fwd_cuda, aux_loss_fwd,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_loss_bwd_cuda, aux_loss_bwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              bind_stream_and_device()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -682,9 +676,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_logits_fwd_cuda, aux_logits_fwd,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_aux_logits_bwd_cuda, aux_logits_bwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              bind_stream_and_device()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

@@ -30,6 +30,11 @@ inline DeviceLimits device_limits(int device) {
   return {sms[slot].load(), smem[slot].load()};
 }
 
+// The context most CUDA handlers bind first: their stream and their device.
+inline auto bind_stream_and_device() {
+  return xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>().Ctx<xla::ffi::DeviceOrdinal>();
+}
+
 // The error of the launches just made, if any, as an FFI error naming `what`.
 inline xla::ffi::Error launch_status(const char* what) {
   const cudaError_t err = cudaGetLastError();

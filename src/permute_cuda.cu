@@ -577,9 +577,7 @@ ffi::Error unpermute_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer dy,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_permute_fwd_cuda, permute_fwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              bind_stream_and_device()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -592,9 +590,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_permute_fwd_cuda, permute_fwd,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_permute_bwd_cuda, permute_bwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              bind_stream_and_device()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -602,9 +598,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_permute_bwd_cuda, permute_bwd,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_unpermute_fwd_cuda, unpermute_fwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              bind_stream_and_device()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -613,9 +607,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_unpermute_fwd_cuda, unpermute_fwd,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_unpermute_bwd_cuda, unpermute_bwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              bind_stream_and_device()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

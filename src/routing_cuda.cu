@@ -969,10 +969,8 @@ ffi::Error route_aux_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer log
 
 }  // namespace
 
-#define JAX_MOE_CUDA_CTX .Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>()
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_fwd_cuda, route_fwd,
-                              bind_route_attrs(ffi::Ffi::Bind() JAX_MOE_CUDA_CTX
+                              bind_route_attrs(bind_stream_and_device()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>()
@@ -980,7 +978,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_fwd_cuda, route_fwd,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_bwd_cuda, route_bwd,
-                              bind_route_attrs(ffi::Ffi::Bind() JAX_MOE_CUDA_CTX
+                              bind_route_attrs(bind_stream_and_device()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
@@ -988,7 +986,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_bwd_cuda, route_bwd,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_fwd_cuda, route_aux_fwd,
-                              bind_route_attrs(ffi::Ffi::Bind() JAX_MOE_CUDA_CTX
+                              bind_route_attrs(bind_stream_and_device()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>()
@@ -1002,7 +1000,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_fwd_cuda, route_aux_fwd,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_bwd_cuda, route_aux_bwd,
-                              bind_route_attrs(ffi::Ffi::Bind() JAX_MOE_CUDA_CTX
+                              bind_route_attrs(bind_stream_and_device()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
