@@ -18,8 +18,6 @@ constexpr int kMaxDevices = 64;
 // Workspace sizing when the caller does not know the device (an H100 SXM has 132 SMs).
 constexpr int kDefaultSmCount = 132;
 constexpr int kZeroThreads = 256;
-// N width of the sm_90a tiles: both configs use 128x256 tiles.
-constexpr int64_t kSm90TileN = 256;
 
 struct DeviceInfo {
   cudaError_t status = cudaSuccess;
@@ -63,23 +61,19 @@ bool sm90_shapes_ok(GemmDtype dtype, int64_t M, int64_t K, int64_t N, int64_t G)
          N <= INT_MAX && G <= INT_MAX;
 }
 
-// The sm_90a kernel for (op, dtype, tile config), or {nullptr, nullptr} when it was not compiled.
-Sm90Kernel sm90_kernel(GemmOp op, GemmDtype dtype, GemmImpl impl) {
-  const int cfg = static_cast<int>(impl) - static_cast<int>(GemmImpl::kSm90CoopMcastA);
-  if (!is_16bit(dtype) || cfg < 0 || cfg >= kNumSm90Impls) return {nullptr, nullptr};
+// The sm_90a kernel for (op, dtype), or {nullptr, nullptr} when it was not compiled.
+Sm90Kernel sm90_kernel(GemmOp op, GemmDtype dtype) {
+  if (!is_16bit(dtype)) return {nullptr, nullptr};
 #if defined(JAX_MOE_HAS_SM90_GEMM)
 #define JAX_MOE_SM90_ENTRY(NAME) Sm90Kernel{&sm90_scratch_bytes_##NAME, &sm90_run_##NAME}
-#define JAX_MOE_SM90_CONFIGS(OP_DTYPE) \
-  {JAX_MOE_SM90_ENTRY(OP_DTYPE##_mca), JAX_MOE_SM90_ENTRY(OP_DTYPE##_mcb)}
-  // [op][bf16, f16][config]
-  static const Sm90Kernel table[3][2][kNumSm90Impls] = {
-      {JAX_MOE_SM90_CONFIGS(fwd_bf16), JAX_MOE_SM90_CONFIGS(fwd_f16)},
-      {JAX_MOE_SM90_CONFIGS(dlhs_bf16), JAX_MOE_SM90_CONFIGS(dlhs_f16)},
-      {JAX_MOE_SM90_CONFIGS(drhs_bf16), JAX_MOE_SM90_CONFIGS(drhs_f16)},
+  // [op][bf16, f16]
+  static const Sm90Kernel table[3][2] = {
+      {JAX_MOE_SM90_ENTRY(fwd_bf16), JAX_MOE_SM90_ENTRY(fwd_f16)},
+      {JAX_MOE_SM90_ENTRY(dlhs_bf16), JAX_MOE_SM90_ENTRY(dlhs_f16)},
+      {JAX_MOE_SM90_ENTRY(drhs_bf16), JAX_MOE_SM90_ENTRY(drhs_f16)},
   };
-#undef JAX_MOE_SM90_CONFIGS
 #undef JAX_MOE_SM90_ENTRY
-  return table[static_cast<int>(op)][dtype == GemmDtype::kBF16 ? 0 : 1][cfg];
+  return table[static_cast<int>(op)][dtype == GemmDtype::kBF16 ? 0 : 1];
 #else
   (void)op;
   return {nullptr, nullptr};
@@ -176,24 +170,14 @@ cudaError_t grouped_gemm_impl(const GroupedGemmArgs& args, GemmImpl impl, cudaSt
   const DeviceInfo dev = device_info(device);
   if (dev.status != cudaSuccess) return dev.status;
 
-  GemmImpl chosen = impl;
   const bool sm90_possible = dev.cc_major == 9 && dev.cc_minor == 0 &&
                              sm90_shapes_ok(args.dtype, args.M, args.K, args.N, args.G);
-  if (impl == GemmImpl::kAuto) {
-    chosen = GemmImpl::kGeneric;
-    if (sm90_possible) {
-      // The 1x2 cluster pads each group's N tiles to an even count; with an odd count (e.g. d lhs
-      // of K = 768) the 2x1 cluster, which pads the ragged M tiles instead, wastes less. Measured
-      // on H100 (GEMM_NOTES.md): otherwise the two are within noise or the 1x2 cluster wins.
-      const int64_t gemm_n = args.op == GemmOp::kGradLhs ? args.K : args.N;
-      const bool odd_n_tiles = ((gemm_n + kSm90TileN - 1) / kSm90TileN) % 2 == 1;
-      chosen = odd_n_tiles ? GemmImpl::kSm90CoopMcastB : GemmImpl::kSm90CoopMcastA;
-    }
-  }
+  const GemmImpl chosen =
+      impl != GemmImpl::kAuto ? impl : sm90_possible ? GemmImpl::kSm90 : GemmImpl::kGeneric;
 
   err = cudaErrorNotSupported;
   if (chosen != GemmImpl::kGeneric) {
-    const Sm90Kernel k = sm90_kernel(args.op, args.dtype, chosen);
+    const Sm90Kernel k = sm90_kernel(args.op, args.dtype);
     if (sm90_possible && k.run != nullptr) {
       // A workspace sized for fewer SMs than this device has runs the persistent kernel on fewer
       // SMs rather than fail.
@@ -231,12 +215,8 @@ size_t grouped_gemm_workspace_bytes(GemmOp op, GemmDtype dtype, int64_t M, int64
   const int sms = sm_count > 0 ? sm_count : detail::kDefaultSmCount;
   size_t scratch = detail::generic_scratch_bytes(op, G);
   if (detail::sm90_shapes_ok(dtype, M, K, N, G)) {
-    for (int i = 0; i < detail::kNumSm90Impls; ++i) {
-      const auto impl = static_cast<detail::GemmImpl>(
-          static_cast<int>(detail::GemmImpl::kSm90CoopMcastA) + i);
-      const detail::Sm90Kernel k = detail::sm90_kernel(op, dtype, impl);
-      if (k.scratch_bytes != nullptr) scratch = std::max(scratch, k.scratch_bytes(G, sms));
-    }
+    const detail::Sm90Kernel k = detail::sm90_kernel(op, dtype);
+    if (k.scratch_bytes != nullptr) scratch = std::max(scratch, k.scratch_bytes(G, sms));
   }
   return detail::kWorkspaceAlign + detail::group_tables_bytes(G) + scratch;
 }

@@ -37,11 +37,9 @@ inline size_t group_tables_bytes(int64_t G) {
 // self-test can check and time each implementation on the same device.
 enum class GemmImpl : int {
   kAuto = 0,
-  kGeneric = 1,          // SIMT shared-memory kernel, any arch, any dtype
-  kSm90CoopMcastA = 2,   // sm_90a CUTLASS, cooperative 128x256x64 tiles, 1x2 cluster
-  kSm90CoopMcastB = 3,   // sm_90a CUTLASS, cooperative 128x256x64 tiles, 2x1 cluster
+  kGeneric = 1,  // SIMT shared-memory kernel, any arch, any dtype
+  kSm90 = 2,     // sm_90a CUTLASS, cooperative 128x256x64 tiles (OpConfig in grouped_gemm_sm90.cuh)
 };
-constexpr int kNumSm90Impls = 2;  // kSm90CoopMcastA, kSm90CoopMcastB
 
 // Like grouped_gemm, but runs `impl`; cudaErrorNotSupported when that implementation cannot run
 // this call on the current device.
@@ -53,7 +51,7 @@ size_t generic_scratch_bytes(GemmOp op, int64_t G);
 cudaError_t generic_run(const GroupedGemmArgs& args, GroupTables tables, char* scratch,
                         cudaStream_t stream);
 
-// --- sm_90a CUTLASS implementations (grouped_gemm_sm90_*.cu), one pair per TU ---
+// --- sm_90a CUTLASS implementations (grouped_gemm_sm90_<op>_<dtype>.cu), one pair per TU ---
 // scratch_bytes: bytes after the group tables, for `sm_count` persistent CTAs.
 // run: same contract as generic_run; requires 16-bit dtype, K % 8 == 0, N % 8 == 0 and M, K, N
 // below 2^31, and returns cudaErrorNotSupported if CUTLASS rejects the problem.
@@ -67,18 +65,13 @@ struct Sm90Kernel {
   size_t sm90_scratch_bytes_##NAME(int64_t G, int sm_count);                                  \
   cudaError_t sm90_run_##NAME(const GroupedGemmArgs& args, GroupTables tables, char* scratch, \
                               int sm_count, cudaStream_t stream);
-#define JAX_MOE_SM90_DECLARE_CONFIGS(OP_DTYPE) \
-  JAX_MOE_SM90_DECLARE(OP_DTYPE##_mca)         \
-  JAX_MOE_SM90_DECLARE(OP_DTYPE##_mcb)
+JAX_MOE_SM90_DECLARE(fwd_bf16)
+JAX_MOE_SM90_DECLARE(fwd_f16)
+JAX_MOE_SM90_DECLARE(dlhs_bf16)
+JAX_MOE_SM90_DECLARE(dlhs_f16)
+JAX_MOE_SM90_DECLARE(drhs_bf16)
+JAX_MOE_SM90_DECLARE(drhs_f16)
 
-JAX_MOE_SM90_DECLARE_CONFIGS(fwd_bf16)
-JAX_MOE_SM90_DECLARE_CONFIGS(fwd_f16)
-JAX_MOE_SM90_DECLARE_CONFIGS(dlhs_bf16)
-JAX_MOE_SM90_DECLARE_CONFIGS(dlhs_f16)
-JAX_MOE_SM90_DECLARE_CONFIGS(drhs_bf16)
-JAX_MOE_SM90_DECLARE_CONFIGS(drhs_f16)
-
-#undef JAX_MOE_SM90_DECLARE_CONFIGS
 #undef JAX_MOE_SM90_DECLARE
 
 }  // namespace jax_moe::detail

@@ -4,7 +4,7 @@
 // nothing is read back to the host. The TMA descriptors are rewritten per group on the device with
 // the group's own extent, so rows past a group are neither read (zero fill) nor written (clipped).
 //
-// Each (op, dtype, tile config) is instantiated in its own translation unit (see
+// Each (op, dtype) is instantiated in its own translation unit (see
 // grouped_gemm_sm90_*.cu) through JAX_MOE_SM90_DEFINE: one instantiation costs about a minute of
 // compile time and ~3.5 GB of compiler memory.
 //
@@ -21,6 +21,7 @@
 #include <climits>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -44,23 +45,29 @@ namespace jax_moe::detail::sm90 {
 
 using namespace cute;
 
-// Two consumer warpgroups share one 128x256 tile. The 1x2 cluster multicasts each A tile to the two
-// CTAs of neighbouring N tiles: N is dense, so the cluster never pads the ragged dimension.
-struct Coop128x256MulticastA {
+// Two consumer warpgroups share one 128x256 tile, one CTA a cluster. Multicasting the A tile to the
+// neighbouring N tile's CTA (1x2 cluster) was 8-20% slower on the DeepSeek-V3 and Qwen3 shapes
+// (GEMM_NOTES.md, session 6 sweep): a cluster's CTAs wait for each other at every stage.
+struct Coop128x256 {
   using Tile = Shape<_128, _256, _64>;
-  using Cluster = Shape<_1, _2, _1>;
+  using Cluster = Shape<_1, _1, _1>;
   using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 };
 
-// Same tile, 2x1 cluster: the larger B tile (256 wide) is multicast to two CTAs of neighbouring M
-// tiles, halving the L2->SM traffic of B; each group's M tiles are padded to an even count.
+// Same tile, 2x1 cluster: the B tile (256 wide) is multicast to the CTAs of two neighbouring M
+// tiles. Best for d rhs, whose M is the dense K (no padding) and whose short contraction makes the
+// operand traffic per flop high.
 struct Coop128x256MulticastB {
   using Tile = Shape<_128, _256, _64>;
   using Cluster = Shape<_2, _1, _1>;
   using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 };
+
+// The tile config of each op: the fastest of the session 6 sweep on all six benchmark shapes.
+template <GemmOp Op>
+using OpConfig = std::conditional_t<Op == GemmOp::kGradRhs, Coop128x256MulticastB, Coop128x256>;
 
 // CUTLASS layouts of the per-group GEMM D[M,N] = A[M,K] B[K,N] for each op (see grouped_gemm.h):
 //   kForward: A = lhs_g [m_g,K] row-major, B = rhs[g] [K,N] row-major (N-major), D = out_g.
@@ -307,9 +314,9 @@ cudaError_t run(const GroupedGemmArgs& args, GroupTables tables, char* scratch, 
 }  // namespace jax_moe::detail::sm90
 
 // Defines the two entry points declared in grouped_gemm_internal.h for one instantiation.
-#define JAX_MOE_SM90_DEFINE(NAME, ELEMENT, OP, CONFIG)                                          \
+#define JAX_MOE_SM90_DEFINE(NAME, ELEMENT, OP)                                                  \
   namespace jax_moe::detail {                                                                  \
-  using NAME##_kernel = sm90::GroupedKernel<ELEMENT, OP, sm90::CONFIG>;                        \
+  using NAME##_kernel = sm90::GroupedKernel<ELEMENT, OP, sm90::OpConfig<OP>>;                  \
   size_t sm90_scratch_bytes_##NAME(int64_t G, int sm_count) {                                  \
     return sm90::scratch_bytes<NAME##_kernel>(G, sm_count);                                    \
   }                                                                                            \

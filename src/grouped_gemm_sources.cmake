@@ -28,18 +28,12 @@ set(JAX_MOE_GEMM_GENERIC_SOURCES
 )
 
 set(JAX_MOE_GEMM_SM90_SOURCES
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_fwd_bf16_mca.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_fwd_bf16_mcb.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_fwd_f16_mca.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_fwd_f16_mcb.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_dlhs_bf16_mca.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_dlhs_bf16_mcb.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_dlhs_f16_mca.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_dlhs_f16_mcb.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_drhs_bf16_mca.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_drhs_bf16_mcb.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_drhs_f16_mca.cu
-  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_drhs_f16_mcb.cu
+  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_fwd_bf16.cu
+  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_fwd_f16.cu
+  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_dlhs_bf16.cu
+  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_dlhs_f16.cu
+  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_drhs_bf16.cu
+  ${_JAX_MOE_GEMM_DIR}/grouped_gemm_sm90_drhs_f16.cu
 )
 
 # Sets OUT_VAR to the CUTLASS include directories ("<root>/include;<root>/tools/util/include"), or

@@ -76,8 +76,7 @@ const char* impl_name(GemmImpl i) {
   switch (i) {
     case GemmImpl::kAuto: return "auto";
     case GemmImpl::kGeneric: return "generic";
-    case GemmImpl::kSm90CoopMcastA: return "sm90_coop_mcA";
-    case GemmImpl::kSm90CoopMcastB: return "sm90_coop_mcB";
+    case GemmImpl::kSm90: return "sm90";
   }
   return "?";
 }
@@ -290,10 +289,7 @@ void run_case(const Case& c) {
       const std::vector<double> ref = reference(op, x, off, c.M, c.K, c.N, G, zero_mask);
       const double tol = dt == GemmDtype::kF32 ? 1e-5 : 1e-2;
       std::vector<GemmImpl> impls = {GemmImpl::kAuto, GemmImpl::kGeneric};
-      if (dt != GemmDtype::kF32) {
-        impls.push_back(GemmImpl::kSm90CoopMcastA);
-        impls.push_back(GemmImpl::kSm90CoopMcastB);
-      }
+      if (dt != GemmDtype::kF32) impls.push_back(GemmImpl::kSm90);
       for (GemmImpl impl : impls) {
         DeviceCall call(op, dt, x, c.sizes, c.M, c.K, c.N, G);
         const cudaError_t err = jax_moe::detail::grouped_gemm_impl(call.args, impl, 0);
@@ -492,7 +488,7 @@ void benchmark() {
     const GroupedGemmArgs* op_args[3] = {&fwd, &bwd_lhs, &bwd_rhs};
     const char* op_names[3] = {"fwd", "dlhs", "drhs"};
     for (int o = 0; o < 3; ++o)
-      for (GemmImpl impl : {GemmImpl::kAuto, GemmImpl::kSm90CoopMcastA, GemmImpl::kSm90CoopMcastB}) {
+      for (GemmImpl impl : {GemmImpl::kAuto, GemmImpl::kSm90}) {
         const GroupedGemmArgs a = *op_args[o];
         if (jax_moe::detail::grouped_gemm_impl(a, impl, 0) == cudaErrorNotSupported) continue;
         ms.push_back({std::string(op_names[o]) + " " + impl_name(impl),
@@ -528,16 +524,9 @@ void benchmark() {
     CHECK_CUDA(cudaDeviceSynchronize());
     for (int round = 0; round < 2; ++round)
       for (Measure& m : ms) m.ms = std::min(m.ms, median_ms(m.call));
-    double best[3] = {1e30, 1e30, 1e30};
-    for (const Measure& m : ms) {
+    for (const Measure& m : ms)
       std::printf("  %-26s %9.1f us %7.1f TFLOP/s\n", m.what.c_str(), m.ms * 1e3,
                   m.mult * flop / (m.ms * 1e-3) / 1e12);
-      for (int o = 0; o < 3; ++o)
-        if (m.what.rfind(std::string(op_names[o]) + " sm90", 0) == 0) best[o] = std::min(best[o], m.ms);
-    }
-    const double sum_best = best[0] + best[1] + best[2];
-    std::printf("  %-26s %9.1f us %7.1f TFLOP/s\n", "fwd+bwd best configs (sum)", sum_best * 1e3,
-                3.0 * flop / (sum_best * 1e-3) / 1e12);
     for (void* p : {lhs, rhs, out, dout, dlhs, drhs, ws}) CHECK_CUDA(cudaFree(p));
     CHECK_CUDA(cudaFree(gs));
   }

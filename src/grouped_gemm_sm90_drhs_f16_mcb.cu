@@ -1,4 +1,0 @@
-// sm_90a grouped GEMM instantiation: d rhs, f16, cooperative 128x256x64 tiles, 2x1 cluster.
-#include "grouped_gemm_sm90.cuh"
-
-JAX_MOE_SM90_DEFINE(drhs_f16_mcb, cutlass::half_t, jax_moe::GemmOp::kGradRhs, Coop128x256MulticastB)
