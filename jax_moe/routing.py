@@ -173,9 +173,9 @@ class AuxConfig(NamedTuple):
 def _aux_blocks(num_experts: int) -> int:
     """Blocks of the fused forward kernel, hence rows of its workspaces: fixed by E alone so the
     block-ordered sums do not depend on the device, and so shards share the workspace shape. At
-    most 256: about the blocks that an H100 keeps resident at once, so none waits for a second wave
-    and the statistics kernel adds few partials."""
-    return min(256, max(32, 2**19 // num_experts))
+    most 512: about the blocks that an H100 keeps resident at once (four an SM), so none waits for a
+    second wave. Fewer tokens launch fewer blocks and fill fewer rows: T alone decides how many."""
+    return min(512, max(32, 2**19 // num_experts))
 
 
 def _kernel_config(config: RouteConfig, topk_reduce_func) -> RouteConfig:

@@ -58,14 +58,14 @@ __device__ int packed_expert(uint64_t c) { return int(~uint32_t(c)); }
 constexpr int kCandRow = kMaxSegmentTopk + 4;
 
 // Per-warp shared memory of the segment path. Element i of warp lane l lives at [i / 4][l][i % 4]:
-// the 16-byte accesses of a warp's lanes are then contiguous, free of bank conflicts. After the last
-// token, the aux variant keeps each lane's clean-score column sums where its keys were. The rows of
-// cand and pick are padded so that the segments' rows start on different banks.
+// the 16-byte accesses of a warp's lanes are then contiguous, free of bank conflicts. The aux variant
+// passes each token's clean scores between the warp's segments where the keys are (score). The rows
+// of cand and pick are padded so that the segments' rows start on different banks.
 template <int S, int V>
 struct SegmentScratch {
   union {
     uint4 key[V / 4][32];
-    float4 colsum[V / 4][32];
+    float4 score[V / 4][32];
   };
   alignas(16) uint64_t cand[32 / S][kCandRow];
   int32_t pick[32 / S][kMaxSegmentTopk + 1];  // expert of rank j
@@ -73,8 +73,22 @@ struct SegmentScratch {
   __device__ uint32_t key_at(int lane, int i) const {
     return reinterpret_cast<const uint32_t*>(&key[i / 4][lane])[i % 4];
   }
-  __device__ float colsum_at(int lane, int i) const {
-    return reinterpret_cast<const float*>(&colsum[i / 4][lane])[i % 4];
+  __device__ float score_at(int lane, int i) const {
+    return reinterpret_cast<const float*>(&score[i / 4][lane])[i % 4];
+  }
+};
+
+// The aux variant's clean-score column sums of a warp, in shared memory: in registers (V a lane) they
+// would halve the kernel's occupancy. Lane sl of every segment holds experts [sl*V, sl*V + V); segment q
+// adds up part q of them, kOwned a lane, at sums[j][lane].
+template <int S, int V>
+struct WarpColumnSums {
+  static constexpr int kOwned = V * S / 32;
+  float sums[kOwned][32];
+
+  __device__ float of_expert(int e) const {
+    const int sl = e / V, q = e % V / kOwned;
+    return sums[e % kOwned][q * S + sl];
   }
 };
 
@@ -324,11 +338,39 @@ __device__ uint32_t route_threshold(const SegmentLanes<S>& g, const RouteConfig&
   return candidate_threshold<S, V>(g, int(c.topk), key, group.kept);
 }
 
-// Fused aux statistics of one token: clean scores into this lane's column sums, its top-k experts
-// by clean score into the block's histogram.
+// Adds one token's clean scores num[i] * scale (scale 0 for a segment past the last token) to the warp's
+// column sums; the segments first add up their scores of each part through shared memory, in segment
+// order.
+template <int S, int V>
+__device__ void add_column_sums(const SegmentLanes<S>& g, const float (&num)[V], float scale,
+                                SegmentScratch<S, V>& s, WarpColumnSums<S, V>& cs) {
+  constexpr int kSegments = 32 / S, kOwned = WarpColumnSums<S, V>::kOwned;
+  if constexpr (kSegments == 1) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) cs.sums[i][g.lane] += num[i] * scale;
+  } else {
+    __syncwarp();  // the previous token's keys may still be read
+#pragma unroll
+    for (int c4 = 0; c4 < V / 4; ++c4)
+      s.score[c4][g.lane] = make_float4(num[4 * c4] * scale, num[4 * c4 + 1] * scale, num[4 * c4 + 2] * scale,
+                                        num[4 * c4 + 3] * scale);
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < kOwned; ++j) {
+      float part = 0.0f;
+#pragma unroll
+      for (int q = 0; q < kSegments; ++q) part += s.score_at(q * S + g.sl, g.segment() * kOwned + j);
+      cs.sums[j][g.lane] += part;
+    }
+    __syncwarp();  // the keys go there next
+  }
+}
+
+// Fused aux statistics of one token: clean scores into the warp's column sums, its top-k experts by
+// clean score into the block's histogram.
 template <int S, int V>
 __device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, const float (&x)[V], int E,
-                                  bool valid, SegmentScratch<S, V>& s, float (&colsum)[V], int* counts) {
+                                  bool valid, SegmentScratch<S, V>& s, WarpColumnSums<S, V>& cs, int* counts) {
   const Carry k = score_carry(a.score_function);
   float mx = 0.0f;
   if (k == Carry::kSoftmax) {
@@ -342,13 +384,10 @@ __device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, 
 #pragma unroll
   for (int i = 0; i < V; ++i) total += num[i];
   const float inv_denom = 1.0f / (k == Carry::kSoftmax ? g.sum(total) : g.sum(total) + kEps);  // as CleanStats
+  add_column_sums<S, V>(g, num, valid ? inv_denom : 0.0f, s, cs);
   uint32_t key[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const float score = num[i] * inv_denom;
-    if (valid) colsum[i] += score;
-    key[i] = rank_key(score);
-  }
+  for (int i = 0; i < V; ++i) key[i] = rank_key(num[i] * inv_denom);
   exclude_padding<S, V>(g, E, key);
   segment_topk<S, V>(g, int(a.topk), key, true, candidate_threshold<S, V>(g, int(a.topk), key, true), s);
   if (valid)
@@ -398,12 +437,16 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
 template <class In, int S, int V, bool kAux>
 __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig& c, const AuxConfig& a, int lpg,
                                     const typename In::storage* row, bool valid, const float4* bias,
-                                    SegmentScratch<S, V>& s, float (&colsum)[V], int* counts, float* w_out,
+                                    SegmentScratch<S, V>& s, WarpColumnSums<S, V>* cs, int* counts, float* w_out,
                                     int32_t* idx_out) {
   const int E = int(c.num_experts);
   float x[V];
   load_segment_row<In, S, V>(g, row, E, x);
-  if constexpr (kAux) aux_token_segment<S, V>(g, a, x, E, valid, s, colsum, counts);
+  if constexpr (kAux) {
+    aux_token_segment<S, V>(g, a, x, E, valid, s, *cs, counts);
+    // Loaded again (from cache) rather than kept in registers through the aux selection.
+    load_segment_row<In, S, V>(g, row, E, x);
+  }
 
   const Carry k = route_carry(c);
   float mx = 0.0f, inv_sum = 1.0f;
@@ -434,16 +477,18 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
 }
 
 // Dynamic shared memory: the bias [S*V] (0 past E; see bias_slot), for the aux variant the block's
-// top-k counts [S*V], then one SegmentScratch per warp.
+// top-k counts [S*V], then one SegmentScratch per warp, and for the aux variant one WarpColumnSums per
+// warp.
 template <int S, int V, bool kAux>
 constexpr size_t segment_smem_bytes() {
-  return size_t(S * V) * sizeof(float) * (kAux ? 2 : 1) + kWarpsPerBlock * sizeof(SegmentScratch<S, V>);
+  return size_t(S * V) * sizeof(float) * (kAux ? 2 : 1) +
+         kWarpsPerBlock * (sizeof(SegmentScratch<S, V>) + (kAux ? sizeof(WarpColumnSums<S, V>) : 0));
 }
 
-// Register caps that spill nothing (sm_90a, nvcc 13.0): 64 for routing, four blocks an SM; 128 for the
-// aux variant, two blocks (at 80 it spills).
+// Register cap 64, four blocks an SM (sm_90a, nvcc 13.0): routing spills nothing, the aux variant with
+// 32 experts a lane a few words.
 template <class In, int S, int V, bool kAux>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, kAux ? 2 : 4)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_segment_kernel(RouteConfig c, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
                          int lpg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
   constexpr int kPad = S * V, kTokensPerWarp = 32 / S;
@@ -451,35 +496,33 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kAux ? 2 : 4)
   float* sbias = smem;
   int* counts = reinterpret_cast<int*>(smem + kPad);
   auto* scratch = reinterpret_cast<SegmentScratch<S, V>*>(smem + kPad * (kAux ? 2 : 1));
+  auto* column_sums = reinterpret_cast<WarpColumnSums<S, V>*>(scratch + kWarpsPerBlock);
   const int E = int(c.num_experts);
+  const int warp = threadIdx.x / 32;
+  const SegmentLanes<S> g(threadIdx.x & 31);
   for (int e = threadIdx.x; e < kPad; e += blockDim.x) {
     sbias[bias_slot<S, V>(e)] = e < E ? bias(e) + 0.0f : 0.0f;  // once per block; never -0.0 (rank_key_no_neg_zero)
     if constexpr (kAux) counts[e] = 0;
   }
+  if constexpr (kAux)
+#pragma unroll
+    for (int j = 0; j < WarpColumnSums<S, V>::kOwned; ++j) column_sums[warp].sums[j][g.lane] = 0.0f;
   __syncthreads();
-  const int warp = threadIdx.x / 32;
-  const SegmentLanes<S> g(threadIdx.x & 31);
   SegmentScratch<S, V>& s = scratch[warp];
-  float colsum[V] = {};
   const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kTokensPerWarp;
   for (int64_t t0 = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * kTokensPerWarp; t0 < T; t0 += stride) {
     const int64_t t = t0 + g.segment();
     const bool valid = t < T;
     const int64_t row = valid ? t : T - 1;
     route_token_segment<In, S, V, kAux>(g, c, aux.cfg, lpg, x + row * E, valid,
-                                        reinterpret_cast<const float4*>(sbias) + g.sl, s, colsum, counts,
+                                        reinterpret_cast<const float4*>(sbias) + g.sl, s, column_sums + warp, counts,
                                         w + row * c.topk, idx + row * c.topk);
   }
   if constexpr (kAux) {
-    __syncwarp();
-#pragma unroll
-    for (int c4 = 0; c4 < V / 4; ++c4)
-      s.colsum[c4][g.lane] = make_float4(colsum[4 * c4], colsum[4 * c4 + 1], colsum[4 * c4 + 2], colsum[4 * c4 + 3]);
     __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {  // added in (warp, segment) order: deterministic
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {  // added in warp order: deterministic
       float acc = 0.0f;
-      for (int wi = 0; wi < kWarpsPerBlock; ++wi)
-        for (int sg = 0; sg < kTokensPerWarp; ++sg) acc += scratch[wi].colsum_at(sg * S + e / V, e % V);
+      for (int wi = 0; wi < kWarpsPerBlock; ++wi) acc += column_sums[wi].of_expert(e);
       aux.ws_colsum[int64_t(blockIdx.x) * E + e] = acc;
       aux.ws_counts[int64_t(blockIdx.x) * E + e] = counts[e];
     }
@@ -660,24 +703,32 @@ __global__ void route_generic_kernel(RouteConfig c, const typename In::storage* 
   }
 }
 
-// Adds the blocks' partial aux statistics in a fixed order: one warp per expert, lane l adding the
-// partials of blocks l, l + 32, ... (independent loads in flight), then a fixed butterfly.
-__global__ void aux_finalize_kernel(const float* __restrict__ ws_colsum, const int32_t* __restrict__ ws_counts,
-                                    int64_t blocks, int64_t E, float* __restrict__ colsum,
-                                    int32_t* __restrict__ counts) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
-  for (int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; e < E; e += warps) {
-    float acc = 0.0f;
-    int32_t n = 0;
+// Adds the first `blocks` rows of the blocks' partial aux statistics in a fixed order. A block takes 32
+// experts, a lane each, so that a warp's loads are 128 contiguous bytes; each of its kFinalizeWarps
+// warps adds a run of consecutive rows, then warp 0 adds the runs in order.
+constexpr int kFinalizeWarps = 16;
+
+__global__ void __launch_bounds__(kFinalizeWarps * 32)
+    aux_finalize_kernel(const float* __restrict__ ws_colsum, const int32_t* __restrict__ ws_counts, int64_t blocks,
+                        int64_t E, float* __restrict__ colsum, int32_t* __restrict__ counts) {
+  __shared__ float run_sum[kFinalizeWarps][32];
+  __shared__ int32_t run_count[kFinalizeWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int64_t e = int64_t(blockIdx.x) * 32 + lane;
+  const int64_t per_warp = (blocks + kFinalizeWarps - 1) / kFinalizeWarps;
+  const int64_t end = (warp + 1) * per_warp, last = end < blocks ? end : blocks;
+  float acc = 0.0f;
+  int32_t n = 0;
+  if (e < E)
 #pragma unroll 8
-    for (int64_t b = lane; b < blocks; b += 32) acc += ws_colsum[b * E + e], n += ws_counts[b * E + e];
-    for (int off = 16; off; off >>= 1) {
-      acc += __shfl_xor_sync(kFullMask, acc, off);
-      n += __shfl_xor_sync(kFullMask, n, off);
-    }
-    if (lane == 0) colsum[e] = acc, counts[e] = n;
-  }
+    for (int64_t b = warp * per_warp; b < last; ++b) acc += ws_colsum[b * E + e], n += ws_counts[b * E + e];
+  run_sum[warp][lane] = acc;
+  run_count[warp][lane] = n;
+  __syncthreads();
+  if (warp != 0 || e >= E) return;
+  for (int w = 1; w < kFinalizeWarps; ++w) acc += run_sum[w][lane], n += run_count[w][lane];
+  colsum[e] = acc;
+  counts[e] = n;
 }
 
 // ------------------------------------------------------------------ backward
@@ -766,12 +817,15 @@ struct Launch {
   DeviceLimits dev;
   const AuxArgs* aux;   // null: plain routing
   int64_t aux_blocks;   // the workspace's block count
+  mutable unsigned launched = 0;  // the grid of the last launch: the aux workspace rows written
 
-  // Blocks handling tokens_per_block tokens each, capped so blocks stay resident and loop.
+  // Blocks handling tokens_per_block tokens each, capped so blocks stay resident and loop. The aux
+  // variant's cap is the workspace's block count, which depends on E alone: its block-ordered sums
+  // then depend on the shapes only, never on the device.
   unsigned grid(int64_t tokens, int tokens_per_block) const {
-    if (aux) return unsigned(aux_blocks);
     const int64_t blocks = (tokens + tokens_per_block - 1) / tokens_per_block;
-    return unsigned(std::min<int64_t>(blocks, int64_t(dev.sm_count) * 16));
+    launched = unsigned(std::min<int64_t>(blocks, aux ? aux_blocks : int64_t(dev.sm_count) * 16));
+    return launched;
   }
 };
 
@@ -786,11 +840,13 @@ template <class In, int S, int V, bool kAux>
 void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, int lpg,
                     float* w, int32_t* idx) {
   constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
-  static_assert(smem <= 48 * 1024, "the segment path must fit the default shared memory limit");
+  static_assert(smem <= 112 * 1024, "the segment path needs two blocks an SM at least");
   const auto kernel = route_segment_kernel<In, S, V, kAux>;
+  // Past 48 KB a kernel must opt in, on each device (a failure shows in the launch, which is reported).
+  if constexpr (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   // At most one resident wave: the blocks' setup (the bias in shared memory) is then paid once per
   // block slot, and every warp routes about as many tokens as the others. (The aux variant's grid is
-  // its workspace's block count.)
+  // capped by its workspace's block count instead.)
   static const int resident = [&] {
     int n = 0;
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarpsPerBlock * 32, smem);
@@ -909,9 +965,8 @@ ffi::Error route_aux_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer log
     return route_fwd_typed<In, true>(l, b.config, logits.untyped_data(), b.bias, b.tokens, b.weights, b.indices);
   });
   if (routed.failure()) return routed;
-  const unsigned warps_per_block = 8, grid = unsigned(std::min<int64_t>((E + warps_per_block - 1) / warps_per_block,
-                                                                        int64_t(l.dev.sm_count) * 16));
-  aux_finalize_kernel<<<grid, warps_per_block * 32, 0, stream>>>(aux.ws_colsum, aux.ws_counts, blocks, E, cs, cn);
+  aux_finalize_kernel<<<unsigned((E + 31) / 32), kFinalizeWarps * 32, 0, stream>>>(aux.ws_colsum, aux.ws_counts,
+                                                                                  l.launched, E, cs, cn);
   return launch_status("route_with_aux_loss forward (statistics)");
 }
 
