@@ -719,19 +719,9 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32)
   const int64_t end = (warp + 1) * per_warp, last = end < blocks ? end : blocks;
   float acc = 0.0f;
   int32_t n = 0;
-  constexpr int kBatch = 16;  // rows loaded before any is added: their latencies overlap
-  for (int64_t b = warp * per_warp; e < E && b < last; b += kBatch) {
-    float v[kBatch];
-    int32_t c[kBatch];
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      const bool in = b + i < last;
-      v[i] = in ? ws_colsum[(b + i) * E + e] : 0.0f;
-      c[i] = in ? ws_counts[(b + i) * E + e] : 0;
-    }
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) acc += v[i], n += c[i];
-  }
+  if (e < E)
+#pragma unroll 8
+    for (int64_t b = warp * per_warp; b < last; ++b) acc += ws_colsum[b * E + e], n += ws_counts[b * E + e];
   run_sum[warp][lane] = acc;
   run_count[warp][lane] = n;
   __syncthreads();
