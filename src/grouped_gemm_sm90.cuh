@@ -46,8 +46,8 @@ namespace jax_moe::detail::sm90 {
 using namespace cute;
 
 // Two consumer warpgroups share one 128x256 tile, one CTA a cluster. Multicasting the A tile to the
-// neighbouring N tile's CTA (1x2 cluster) was 8-20% slower on the DeepSeek-V3 and Qwen3 shapes
-// (GEMM_NOTES.md, session 6 sweep): a cluster's CTAs wait for each other at every stage.
+// neighbouring N tile's CTA (1x2 cluster) was 7-25% slower on the DeepSeek-V3 shapes and within
+// noise on the others (GEMM_NOTES.md, session 6 sweep).
 struct Coop128x256 {
   using Tile = Shape<_128, _256, _64>;
   using Cluster = Shape<_1, _1, _1>;
