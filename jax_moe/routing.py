@@ -285,7 +285,8 @@ def _route_aux_fwd(logits, bias, config, aux):
         logits, bias, **config._asdict(), aux_topk=aux.topk, aux_score_function=aux.score_function)
     if aux.axes:
         colsum, counts = jax.lax.psum((colsum, counts), aux.axes)
-    loss = aux.c_coeff * jnp.sum(colsum * counts.astype(jnp.float32))
+    # C_coeff inside the sum: XLA makes one reduction kernel of it, not a reduction and a multiply.
+    loss = jnp.sum(colsum * (counts.astype(jnp.float32) * aux.c_coeff))
     return (weights, indices, loss), (logits, indices, counts, jnp.zeros_like(bias))
 
 

@@ -270,42 +270,11 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // ------------------------------------------------- the logits backward's rows
-// The logits backward walks each row twice (its sums, then d logits). Reading it from memory both times
-// would cost a third pass over the logits (with many rows in flight the second read misses the caches),
-// so the first walk keeps a copy: in registers for rows of up to 8 chunks a lane of a warp, in the
-// block's shared memory for longer ones. A copy holds this lane's chunks only (for_row's assignment:
-// chunk c to lane c % nlanes), so a lane reads back what it wrote. A copy is a walk of the row
-// (row_access.h). Both need a row of whole, 16-byte aligned chunks, and d logits aligned alike (the
+// The logits backward walks each row twice (its sums, then d logits) and reads it from memory once:
+// rows of up to 8 chunks a lane of a warp are kept in registers (RowInRegisters, lanes_cuda.cuh),
+// longer ones in the block's shared memory. A copy holds this lane's chunks only, so a lane reads back
+// what it wrote. Both need a row of whole, 16-byte aligned chunks, and d logits aligned alike (the
 // kernels pass known_aligned).
-template <class Lanes, class In, int R>
-struct RowInRegisters {
-  using S = typename In::storage;
-  static constexpr int V = chunk_elems<S>();
-  const Lanes& L;
-  int64_t chunks;
-  S v[R][V];
-
-  __device__ RowInRegisters(const Lanes& lanes, const S* x, int64_t n) : L(lanes), chunks(n / V) {
-#pragma unroll
-    for (int i = 0; i < R; ++i)  // all loads first: R in flight per lane
-      if (chunk(i) < chunks) load_chunk(x + chunk(i) * V, true, v[i]);
-  }
-  __device__ int64_t chunk(int i) const { return L.lane + int64_t(i) * L.nlanes; }
-
-  // Calls f(e0, xv) for this lane's chunks, in for_row's order.
-  template <class F>
-  __device__ void operator()(F f) const {
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-      if (chunk(i) >= chunks) return;
-      float xv[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) xv[j] = In::to_float(v[i][j]);
-      f(chunk(i) * V, xv);
-    }
-  }
-};
-
 template <class Lanes, class In>
 struct RowInShared {
   using S = typename In::storage;
@@ -546,11 +515,9 @@ struct RegisterLayout {
 
 RegisterLayout register_layout(int64_t E, int64_t elem_bytes, bool aligned) {
   if (!aligned) return {};
-  const int64_t chunks = E * elem_bytes / 16;
   const int W = row_lanes(E, elem_bytes);
-  int R = 1;
-  while (R < 8 && int64_t(R) * W < chunks) R *= 2;
-  return int64_t(R) * W >= chunks ? RegisterLayout{W, R} : RegisterLayout{};
+  const int R = register_chunks(E * elem_bytes / 16, W);
+  return R ? RegisterLayout{W, R} : RegisterLayout{};
 }
 
 // Runs f.template operator()<W, R>() for the layouts register_layout returns (below a warp, row_lanes

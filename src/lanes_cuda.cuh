@@ -112,6 +112,48 @@ struct RowGroupOf {
   __device__ static int64_t first() { return int64_t(blockIdx.x) * kPerBlock + (threadIdx.x / W); }
   __device__ static int64_t stride() { return int64_t(gridDim.x) * kPerBlock; }
 };
+
+// A lane's share of a row copied to registers: R 16-byte chunks, in for_row's assignment (chunk c to
+// lane c % nlanes). For the backwards that walk a row twice (its sums, then d logits): reading it from
+// memory both times would cost a third pass over the logits, since with many rows in flight the second
+// read misses the caches. A copy is a walk of the row (row_access.h). It needs a row of whole, 16-byte
+// aligned chunks, at most R * nlanes of them (register_chunks).
+template <class Lanes, class In, int R>
+struct RowInRegisters {
+  using S = typename In::storage;
+  static constexpr int V = chunk_elems<S>();
+  const Lanes& L;
+  int64_t chunks;
+  S v[R][V];
+
+  __device__ RowInRegisters(const Lanes& lanes, const S* x, int64_t n) : L(lanes), chunks(n / V) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)  // all loads first: R in flight per lane
+      if (chunk(i) < chunks) load_chunk(x + chunk(i) * V, true, v[i]);
+  }
+  __device__ int64_t chunk(int i) const { return L.lane + int64_t(i) * L.nlanes; }
+
+  // Calls f(e0, xv) for this lane's chunks, in for_row's order.
+  template <class F>
+  __device__ void operator()(F f) const {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if (chunk(i) >= chunks) return;
+      float xv[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) xv[j] = In::to_float(v[i][j]);
+      f(chunk(i) * V, xv);
+    }
+  }
+};
 #endif
+
+// Chunks a lane of a RowInRegisters over W lanes for a row of `chunks` 16-byte chunks: the smallest
+// power of two R <= 8 with R * W >= chunks, or 0 where the row does not fit.
+inline int register_chunks(int64_t chunks, int W) {
+  int R = 1;
+  while (R < 8 && int64_t(R) * W < chunks) R *= 2;
+  return int64_t(R) * W >= chunks ? R : 0;
+}
 
 }  // namespace jax_moe

@@ -28,13 +28,28 @@ MOE_HD void aux_stats_row(const Lanes& L, const AuxConfig& a, const typename In:
   L.sync();
 }
 
-// Fused backward of one row: routing gradient + clean-score gradient for dscale[e] = dL/dscore_e.
-template <class Lanes, class In>
+// Fused backward of one row: routing gradient + clean-score gradient for d scores dscale(e) =
+// dL/dscore_e, over a walk of the row (row_access.h: from memory, or a copy of it). x is the row in
+// memory, read again only for the chosen experts' logits; known_aligned as in map_pieces.
+template <class Lanes, class In, class Walk, class G>
+MOE_HD void route_aux_bwd_of(const Lanes& L, const RouteConfig& c, ScoreFunction aux_f, const Walk& walk,
+                             const typename In::storage* x, const int32_t* idx, const float* dw, const G& dscale,
+                             typename In::storage* dx, bool known_aligned) {
+  const CleanGrad cg = clean_grad_of(aux_f, row_sums_of(L, aux_f, walk, dscale));
+  const RouteRowGrad<In> r = route_row_grad<Lanes, In>(L, c, x, idx, dw);
+  map_pieces_weighted<In>(walk, dx, known_aligned, dscale,
+                          [&](float xe, float ge) { return r.base(xe) + cg.dx(xe, ge); });
+  L.sync();  // the chosen experts' values below overwrite the base values above
+  for (int64_t j = L.lane; j < c.topk; j += L.nlanes)
+    if (r.chosen_valid(j)) dx[idx[j]] = In::from_float(r.chosen(j) + cg.dx(r.logit(j), dscale(idx[j])));
+}
+
+// The same, reading the row from memory in both walks.
+template <class Lanes, class In, class G>
 MOE_HD void route_aux_bwd_row(const Lanes& L, const RouteConfig& c, ScoreFunction aux_f,
-                              const typename In::storage* x, const int32_t* idx, const float* dw,
-                              const float* dscale, typename In::storage* dx) {
-  const CleanGrad cg = clean_grad<Lanes, In>(L, aux_f, x, c.num_experts, [&](int64_t e) { return dscale[e]; });
-  route_bwd_row<Lanes, In>(L, c, x, idx, dw, dx, [&](int64_t e, float xe) { return cg.dx(xe, dscale[e]); });
+                              const typename In::storage* x, const int32_t* idx, const float* dw, const G& dscale,
+                              typename In::storage* dx) {
+  route_aux_bwd_of<Lanes, In>(L, c, aux_f, row_walk<Lanes, In>(L, x, c.num_experts), x, idx, dw, dscale, dx, false);
 }
 
 }  // namespace jax_moe

@@ -106,7 +106,7 @@ ffi::Error route_aux_bwd(ffi::AnyBuffer logits, ffi::AnyBuffer indices, ffi::Any
   const float* ds = dscale.typed_data<float>();
   const ScoreFunction aux_f = ScoreFunction(aux_score_function);
   return route_bwd_rows(*checked, [&]<class In>(const auto* x, const int32_t* idx, const float* dw, auto* dx) {
-    route_aux_bwd_row<SerialLanes, In>(SerialLanes{}, c, aux_f, x, idx, dw, ds, dx);
+    route_aux_bwd_row<SerialLanes, In>(SerialLanes{}, c, aux_f, x, idx, dw, Counts{ds, false}, dx);
   });
 }
 

@@ -20,6 +20,9 @@ CASES = [
     (130, 6, dict(score_function="sqrtsoftplus"), 40, None),       # warp routing, aux_topk > 32
     (64, 40, dict(score_function="softmax", use_pre_softmax=True), 8, "sigmoid"),  # generic (k > 32)
     (1500, 4, dict(score_function="sigmoid"), 4, None),            # generic (E > 1024)
+    # Backward rows kept in registers, per aux score function (DSv3 above: sigmoid).
+    (128, 8, dict(score_function="sqrtsoftplus"), None, "softmax"),
+    (96, 4, dict(score_function="sigmoid"), None, "sqrtsoftplus"),
 ]
 
 
@@ -112,6 +115,22 @@ def test_bf16_logits_and_bias_dtype(rng):
     np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
     dx = jax.grad(lambda x: jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-3, expert_bias=bias, **DSV3)[1])(x)
     assert dx.dtype == jnp.bfloat16
+
+
+def test_bf16_gradient_is_the_float32_gradient_rounded(rng):
+    """bf16 logits (d logits computed in float32, rounded once) against float32 logits of the same
+    values, on an odd token count."""
+    x = _logits(rng, 75, 256, jnp.bfloat16)
+    cot = jnp.asarray(rng.normal(size=(75, 8)).astype(np.float32))
+
+    def fused(x):
+        routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-2, **DSV3)
+        return jnp.sum(routing.weights * cot) + 50.0 * loss
+
+    got = jax.grad(fused)(x)
+    want = jax.grad(fused)(x.astype(jnp.float32))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=8e-3, atol=1e-7)
 
 
 def test_deterministic(rng):
