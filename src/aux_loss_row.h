@@ -100,12 +100,14 @@ struct RowSums {
   MOE_HD void add_elementwise(ScoreFunction f, int64_t e0, const float (&x)[N], V v) {
     float w[N];
     weights_at(v, e0, w);
+    with_elementwise_function(f, [&]<ScoreFunction F>() {
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const float q = elementwise_score(f, x[j]);
-      sum += q;
-      dot += q * w[j];
-    }
+      for (int j = 0; j < N; ++j) {
+        const float q = elementwise_score(F, x[j]);
+        sum += q;
+        dot += q * w[j];
+      }
+    });
   }
 
   // Combines the lanes' sums. Softmax follows the max-subtracted formula (jax.nn.softmax): a row
@@ -166,9 +168,25 @@ struct CleanGrad {
   float gp;          // softmax: Σ g p
   RenormGrad rg;     // elementwise scores: h(g)
 
+  template <ScoreFunction F>
+  MOE_HD float dx_as(float x, float g) const {
+    if constexpr (F == ScoreFunction::kSoftmax)
+      return fast_exp(x - m) * inv_sum * (g - gp);
+    else
+      return rg.h(g) * elementwise_score_grad(F, x, elementwise_score(F, x));
+  }
   MOE_HD float dx(float x, float g) const {
-    if (f == ScoreFunction::kSoftmax) return fast_exp(x - m) * inv_sum * (g - gp);
-    return rg.h(g) * elementwise_score_grad(f, x, elementwise_score(f, x));
+    float y;
+    with_score_function(f, [&]<ScoreFunction F>() { y = dx_as<F>(x, g); });
+    return y;
+  }
+  // y[j] = dx(x[j], g[j]) for a piece of the row, the score function chosen once.
+  template <int N>
+  MOE_HD void dx_piece(const float (&x)[N], const float (&g)[N], float (&y)[N]) const {
+    with_score_function(f, [&]<ScoreFunction F>() {
+#pragma unroll
+      for (int j = 0; j < N; ++j) y[j] = dx_as<F>(x[j], g[j]);
+    });
   }
 };
 
@@ -188,7 +206,8 @@ template <class Lanes, class Out, class Walk, class G>
 MOE_HD void clean_scores_bwd_of(const Lanes& L, ScoreFunction f, const Walk& walk, G g, typename Out::storage* dx,
                                 bool known_aligned) {
   const CleanGrad cg = clean_grad_of(f, row_sums_of(L, f, walk, g));
-  map_pieces_weighted<Out>(walk, dx, known_aligned, g, [&](float xe, float ge) { return cg.dx(xe, ge); });
+  map_pieces_weighted<Out>(walk, dx, known_aligned, g,
+                           [&](const auto& xv, const auto& gv, auto& y) { cg.dx_piece(xv, gv, y); });
 }
 
 // d logits of one row in memory.

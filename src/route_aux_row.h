@@ -37,8 +37,11 @@ MOE_HD void route_aux_bwd_of(const Lanes& L, const RouteConfig& c, ScoreFunction
                              typename In::storage* dx, bool known_aligned) {
   const CleanGrad cg = clean_grad_of(aux_f, row_sums_of(L, aux_f, walk, dscale));
   const RouteRowGrad<In> r = route_row_grad<Lanes, In>(L, c, x, idx, dw);
-  map_pieces_weighted<In>(walk, dx, known_aligned, dscale,
-                          [&](float xe, float ge) { return r.base(xe) + cg.dx(xe, ge); });
+  map_pieces_weighted<In>(walk, dx, known_aligned, dscale, [&](const auto& xv, const auto& gv, auto& y) {
+    cg.dx_piece(xv, gv, y);
+#pragma unroll
+    for (int j = 0; j < int(sizeof(y) / sizeof(float)); ++j) y[j] = r.base(xv[j]) + y[j];
+  });
   L.sync();  // the chosen experts' values below overwrite the base values above
   for (int64_t j = L.lane; j < c.topk; j += L.nlanes)
     if (r.chosen_valid(j)) dx[idx[j]] = In::from_float(r.chosen(j) + cg.dx(r.logit(j), dscale(idx[j])));

@@ -124,15 +124,15 @@ MOE_HD void map_row(const Lanes& L, const typename In::storage* x, int64_t n, ty
   });
 }
 
-// out[e] = Out::from_float(f(x_e, v(e))): map_pieces with a per-expert weight read a piece at a time.
+// map_pieces with per-expert weights read a piece at a time: f(xv, w, y) fills y from the piece xv and
+// its weights w[j] = v(e0 + j).
 template <class Out, class Walk, class V, class F>
 MOE_HD void map_pieces_weighted(const Walk& walk, typename Out::storage* out, bool known_aligned, const V& v, F f) {
   map_pieces<Out>(walk, out, known_aligned, [&](int64_t e0, const auto& xv, auto& y) {
     constexpr int N = int(sizeof(xv) / sizeof(float));
     float w[N];
     weights_at(v, e0, w);
-#pragma unroll
-    for (int j = 0; j < N; ++j) y[j] = f(xv[j], w[j]);
+    f(xv, w, y);
   });
 }
 
