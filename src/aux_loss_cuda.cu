@@ -361,12 +361,11 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // ------------------------------------------------------------------ launch
-// Grid of a row kernel whose result does not depend on it: a block per kPerBlock rows, at most the
-// blocks resident at once (they loop over rows).
-template <int W, class Kernel>
-unsigned row_grid(Kernel kernel, int64_t tokens, int device) {
+// Grid of a row kernel whose result does not depend on it: enough blocks to fill the GPU, looping over rows.
+template <int W>
+unsigned row_grid(int64_t tokens, int device, int blocks_per_sm) {
   const int64_t blocks = (tokens + RowGroup<W>::kPerBlock - 1) / RowGroup<W>::kPerBlock;
-  return unsigned(std::min<int64_t>(blocks, resident_blocks(kernel, kRowThreads, 0, device_limits(device))));
+  return unsigned(std::min<int64_t>(blocks, int64_t(device_limits(device).sm_count) * blocks_per_sm));
 }
 
 // Runs f.template operator()<W>() for W = row_lanes(experts, elem_bytes).
@@ -391,8 +390,7 @@ ffi::Error aux_scores_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
   if (s.tokens == 0) return ffi::Error::Success();
   float* out = scores->typed_data<float>();
   return dispatch_float(s.dtype, [&]<class In>() {
-    const auto kernel = aux_scores_kernel<In>;
-    kernel<<<row_grid<32>(kernel, s.tokens, device), kRowThreads, 0, stream>>>(
+    aux_scores_kernel<In><<<row_grid<32>(s.tokens, device, 4), kRowThreads, 0, stream>>>(
         s.f, topk, static_cast<const typename In::storage*>(logits.untyped_data()), s.tokens, s.experts, out, count);
     return launch_status("aux scores");
   });
@@ -407,8 +405,7 @@ ffi::Error aux_scores_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
   return dispatch_float(s.dtype, [&]<class In>() {
     using S = typename In::storage;
     return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
-      const auto kernel = aux_scores_bwd_kernel<In, W>;
-      kernel<<<row_grid<W>(kernel, s.tokens, device), kRowThreads, 0, stream>>>(
+      aux_scores_bwd_kernel<In, W><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
           s.f, static_cast<const S*>(logits.untyped_data()), dscores.typed_data<float>(), s.tokens, s.experts,
           static_cast<S*>(dlogits->untyped_data()));
       return launch_status("aux scores backward");
@@ -555,8 +552,7 @@ ffi::Error launch_logits_bwd_block(cudaStream_t stream, int32_t device, const Ro
   const size_t smem = kShared ? size_t(s.experts) * sizeof(S) : 0;
   const auto kernel = aux_logits_bwd_block_kernel<In, kShared>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  const unsigned grid = unsigned(std::min<int64_t>(s.tokens, resident_blocks(kernel, kRowThreads, smem,
-                                                                              device_limits(device))));
+  const unsigned grid = unsigned(std::min<int64_t>(s.tokens, int64_t(device_limits(device).sm_count) * 8));
   kernel<<<grid, kRowThreads, smem, stream>>>(s.f, static_cast<const S*>(x), s.tpe, buf, g, s.tokens, s.experts,
                                              static_cast<S*>(dx));
   return launch_status("aux loss from logits backward");
@@ -579,9 +575,8 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
     const bool aligned = row_bytes % 16 == 0 && aligned16(x) && aligned16(dx);
     if (const RegisterLayout layout = register_layout(s.experts, sizeof(S), aligned); layout.W) {
       return dispatch_register_layout(layout, [&]<int W, int R>() {
-        const auto kernel = aux_logits_bwd_registers_kernel<In, W, R>;
-        kernel<<<row_grid<W>(kernel, s.tokens, device), kRowThreads, 0, stream>>>(s.f, x, s.tpe, bf, gf, s.tokens,
-                                                                                 s.experts, dx);
+        aux_logits_bwd_registers_kernel<In, W, R><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
+            s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
         return launch_status("aux loss from logits backward");
       });
     }
@@ -590,9 +585,8 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
     if (row_bytes > 16 * 32)  // more than a chunk a lane of a warp
       return launch_logits_bwd_block<In, false>(stream, device, s, x, bf, gf, dx);
     return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
-      const auto kernel = aux_logits_bwd_kernel<In, W>;
-      kernel<<<row_grid<W>(kernel, s.tokens, device), kRowThreads, 0, stream>>>(s.f, x, s.tpe, bf, gf, s.tokens,
-                                                                               s.experts, dx);
+      aux_logits_bwd_kernel<In, W><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
+          s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
       return launch_status("aux loss from logits backward");
     });
   });

@@ -30,17 +30,6 @@ inline DeviceLimits device_limits(int device) {
   return {sms[slot].load(), smem[slot].load()};
 }
 
-// Blocks of `kernel` resident on the device at once: its occupancy at `threads` a block and `smem` bytes
-// of dynamic shared memory, times the SMs. Kernels whose blocks loop over rows launch at most this
-// many: with more, the rows of the extra blocks wait for a second wave that leaves most SMs idle.
-template <class Kernel>
-int64_t resident_blocks(Kernel kernel, int threads, size_t smem, const DeviceLimits& dev) {
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess || per_sm < 1)
-    per_sm = 1;
-  return int64_t(per_sm) * dev.sm_count;
-}
-
 // The context most CUDA handlers bind first: their stream and their device.
 inline auto bind_stream_and_device() {
   return xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>().Ctx<xla::ffi::DeviceOrdinal>();

@@ -996,13 +996,11 @@ ffi::Error route_aux_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer log
   return launch_status("route_with_aux_loss forward (statistics)");
 }
 
-// Blocks of a backward kernel with W lanes a token: one per kPerBlock tokens, at most the blocks
-// resident at once (they loop over tokens).
-template <int W, class Kernel>
-unsigned bwd_grid(Kernel kernel, int64_t tokens, const DeviceLimits& dev) {
+// Blocks of a backward kernel with W lanes a token: one per kPerBlock tokens, at most 16 an SM (they loop).
+template <int W>
+unsigned bwd_grid(int64_t tokens, const DeviceLimits& dev) {
   const int64_t per_block = RowGroupOf<W, kWarpsPerBlock>::kPerBlock;
-  return unsigned(std::min<int64_t>((tokens + per_block - 1) / per_block,
-                                    resident_blocks(kernel, kWarpsPerBlock * 32, 0, dev)));
+  return unsigned(std::min<int64_t>((tokens + per_block - 1) / per_block, int64_t(dev.sm_count) * 16));
 }
 
 // Launches route_aux_bwd_registers_kernel for R = register_chunks(...) in {2, 4, 8} (false otherwise:
@@ -1012,8 +1010,7 @@ bool launch_aux_bwd_registers(cudaStream_t stream, const DeviceLimits& dev, cons
                               ScoreFunction aux_f, const float* dscale) {
   const auto launch = [&]<int kR, ScoreFunction kF>() {
     using S = typename In::storage;
-    const auto kernel = route_aux_bwd_registers_kernel<In, kR, kF>;
-    kernel<<<bwd_grid<8>(kernel, b.tokens, dev), kWarpsPerBlock * 32, 0, stream>>>(
+    route_aux_bwd_registers_kernel<In, kR, kF><<<bwd_grid<8>(b.tokens, dev), kWarpsPerBlock * 32, 0, stream>>>(
         b.config, static_cast<const S*>(b.logits), b.indices, b.dweights, Counts{dscale, false},
         static_cast<S*>(b.dlogits), b.tokens);
   };
@@ -1055,8 +1052,7 @@ ffi::Error launch_route_bwd(cudaStream_t stream, int32_t device, const RouteBwdB
         if (aligned && launch_aux_bwd_registers<In>(stream, dev, b, register_chunks(row_bytes / 16, W), aux_f, dscale))
           return;
       }
-      const auto kernel = route_bwd_kernel<In, W, kAux>;
-      kernel<<<bwd_grid<W>(kernel, b.tokens, dev), kWarpsPerBlock * 32, 0, stream>>>(
+      route_bwd_kernel<In, W, kAux><<<bwd_grid<W>(b.tokens, dev), kWarpsPerBlock * 32, 0, stream>>>(
           b.config, aux_f, static_cast<const S*>(b.logits), b.indices, b.dweights, dscale,
           static_cast<S*>(b.dlogits), b.tokens);
     });
