@@ -786,10 +786,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 // between its two walks, so the logits are read from memory once; rows of whole, 16-byte aligned
 // chunks. The aux score function is a template parameter: as a run-time value, the unrolled per-element
 // code pays for all three functions (twice the time of route_bwd_kernel's loop, itself 14.2 µs for
-// DeepSeek-V3 at T = 16384 against 6.4 for the routing backward alone). Four blocks an SM where R <= 4
-// (64 registers; bf16 R = 4 spills 8 bytes).
+// DeepSeek-V3 at T = 16384 against 6.4 for the routing backward alone).
 template <class In, int R, ScoreFunction kAuxF>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, R <= 4 ? 4 : 2)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_aux_bwd_registers_kernel(RouteConfig c, const typename In::storage* __restrict__ x,
                                    const int32_t* __restrict__ idx, const float* __restrict__ dw, Counts dscale,
                                    typename In::storage* __restrict__ dx, int64_t T) {
