@@ -573,11 +573,16 @@ __device__ void aux_token_thread(const AuxConfig& a, const float (&xv)[V], int E
     for (int i = 0; i < V; ++i)
       if (i < E) mx = fmaxf(mx, xv[i]);
   float num[V], total = 0.0f;
+  with_score_function(a.score_function, [&]<ScoreFunction F>() {  // chosen once, not per element
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    num[i] = i < E ? (softmax ? expf(xv[i] - mx) : elementwise_score(a.score_function, xv[i])) : 0.0f;
-    total += num[i];
-  }
+    for (int i = 0; i < V; ++i) {
+      if constexpr (F == ScoreFunction::kSoftmax)
+        num[i] = i < E ? expf(xv[i] - mx) : 0.0f;
+      else
+        num[i] = i < E ? elementwise_score(F, xv[i]) : 0.0f;
+      total += num[i];
+    }
+  });
   const float inv_denom = 1.0f / (softmax ? total : total + kEps);  // as CleanStats
   uint32_t key[V];
 #pragma unroll
@@ -608,12 +613,19 @@ __device__ void route_token_thread(const RouteConfig& c, const AuxConfig& a, con
   }
   uint32_t key[V];
   float val[V];
+  // The score function chosen once: per element, the unrolled code would compute all three.
+  with_score_function(c.score_function, [&]<ScoreFunction F>() {
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const float s = softmax ? expf(xv[i] - mx) / sum : elementwise_score(c.score_function, xv[i]);
-    val[i] = carried_value(c, xv[i], s);
-    key[i] = i < E ? rank_key_no_neg_zero(val[i] + sbias[i]) : kExcluded;
-  }
+    for (int i = 0; i < V; ++i) {
+      float s;
+      if constexpr (F == ScoreFunction::kSoftmax)
+        s = expf(xv[i] - mx) / sum;
+      else
+        s = elementwise_score(F, xv[i]);
+      val[i] = carried_value(c, xv[i], s);
+      key[i] = i < E ? rank_key_no_neg_zero(val[i] + sbias[i]) : kExcluded;
+    }
+  });
   float wk[V];  // the chosen values, then weights: finalized here rather than re-read from w_out
   for (int j = 0; j < c.topk; ++j) {
     const int bi = take_best<V>(key);
