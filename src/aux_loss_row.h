@@ -195,11 +195,6 @@ MOE_HD CleanGrad clean_grad_of(ScoreFunction f, const RowSums& r) {
   return {f, r.m, 1.0f / r.sum, r.dot / r.sum, renorm_grad(true, r.sum, r.dot)};
 }
 
-template <class Lanes, class In, class G>
-MOE_HD CleanGrad clean_grad(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, G g) {
-  return clean_grad_of(f, row_sums<Lanes, In>(L, f, x, n, g));
-}
-
 // d logits of the row a walk visits, given d scores g(e), written to every dx[e] as Out: walks it twice,
 // for its sums, then for d logits (known_aligned: as in map_pieces).
 template <class Lanes, class Out, class Walk, class G>

@@ -8,7 +8,8 @@
 //  * otherwise the shared row algorithm of routing_row.h, a warp per token on shared memory.
 // The fused aux variant also accumulates clean-score column sums and top-k counts per block into a
 // workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
-// Backward: the shared backward row algorithm, run by 1, 8 or 32 lanes a token (dispatch_bwd_lanes).
+// Backward: the shared backward row algorithm, run by 1, 8 or 32 lanes a token (dispatch_bwd_lanes);
+// the fused aux backward for E <= 256 keeps each row in registers between its two walks.
 #include <cuda_runtime.h>
 
 #include <string>

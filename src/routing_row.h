@@ -142,11 +142,6 @@ MOE_HD void route_row(const Lanes& L, const RouteConfig& c, const typename In::s
   if (L.leader()) finalize_weights(c, w_out);
 }
 
-// No term added to the routing gradient (see route_bwd_row).
-struct NoExtraGrad {
-  MOE_HD float operator()(int64_t, float) const { return 0.0f; }
-};
-
 // The backward of one row (SPEC §1 "Backward") once its statistics are known: the gradient of a
 // chosen expert, and the base gradient of every expert (zero except for softmax-pre).
 template <class In>
@@ -204,17 +199,17 @@ MOE_HD RouteRowGrad<In> route_row_grad(const Lanes& L, const RouteConfig& c, con
   return r;
 }
 
-// Backward of one row: d logits from d weights with the chosen set fixed, plus extra(e, x_e) for
-// every element (the gradient of another function of the same logits). Writes every element of
-// dx; indices outside [0, E) are skipped, never dereferenced.
-template <class Lanes, class In, class Extra = NoExtraGrad>
+// Backward of one row: d logits from d weights with the chosen set fixed (route_aux_bwd_of adds the
+// aux loss's gradient). Writes every element of dx; indices outside [0, E) are skipped, never
+// dereferenced.
+template <class Lanes, class In>
 MOE_HD void route_bwd_row(const Lanes& L, const RouteConfig& c, const typename In::storage* x,
-                          const int32_t* idx, const float* dw, typename In::storage* dx, Extra extra = {}) {
+                          const int32_t* idx, const float* dw, typename In::storage* dx) {
   const RouteRowGrad<In> r = route_row_grad<Lanes, In>(L, c, x, idx, dw);
-  map_row<Lanes, In, In>(L, x, c.num_experts, dx, [&](int64_t e, float xe) { return r.base(xe) + extra(e, xe); });
+  map_row<Lanes, In, In>(L, x, c.num_experts, dx, [&](int64_t, float xe) { return r.base(xe); });
   L.sync();  // the chosen experts' values below overwrite the base values above
   for (int64_t j = L.lane; j < c.topk; j += L.nlanes)
-    if (r.chosen_valid(j)) dx[idx[j]] = In::from_float(r.chosen(j) + extra(idx[j], r.logit(j)));
+    if (r.chosen_valid(j)) dx[idx[j]] = In::from_float(r.chosen(j));
 }
 
 }  // namespace jax_moe
