@@ -64,26 +64,10 @@ struct CleanStats {
   ScoreFunction f;
   float mx;         // softmax: the row maximum; unused otherwise
   float inv_denom;  // 1 / (softmax: Σ exp(x - mx); otherwise Σ a + ε)
-  template <ScoreFunction F>
-  MOE_HD float score_as(float x) const {
-    if constexpr (F == ScoreFunction::kSoftmax)
-      return expf(x - mx) * inv_denom;
-    else
-      return elementwise_score(F, x) * inv_denom;
+  MOE_HD float numerator(float x) const {
+    return f == ScoreFunction::kSoftmax ? expf(x - mx) : elementwise_score(f, x);
   }
-  MOE_HD float score(float x) const {
-    float s;
-    with_score_function(f, [&]<ScoreFunction F>() { s = score_as<F>(x); });
-    return s;
-  }
-  // y[j] = score(x[j]) for a piece of the row, the score function chosen once.
-  template <int N>
-  MOE_HD void score_piece(const float (&x)[N], float (&y)[N]) const {
-    with_score_function(f, [&]<ScoreFunction F>() {
-#pragma unroll
-      for (int j = 0; j < N; ++j) y[j] = score_as<F>(x[j]);
-    });
-  }
+  MOE_HD float score(float x) const { return numerator(x) * inv_denom; }
 };
 
 // One lane's running sums of a row in a single pass: Σ q and Σ q·v(e) for the numerators q. For softmax
@@ -296,11 +280,10 @@ template <class Lanes, class In, class Visit>
 MOE_HD void aux_scores_row(const Lanes& L, ScoreFunction f, int64_t k, const typename In::storage* x, int64_t n,
                            float* scores, uint32_t* keys, Visit visit) {
   const CleanStats st = clean_stats<Lanes, In>(L, f, x, n);
-  map_pieces<F32>(row_walk<Lanes, In>(L, x, n), scores, false, [&](int64_t e0, const auto& xv, auto& y) {
-    st.score_piece(xv, y);
-    if (keys)
-#pragma unroll
-      for (int j = 0; j < int(sizeof(y) / sizeof(float)); ++j) keys[e0 + j] = rank_key(y[j]);
+  map_row<Lanes, In, F32>(L, x, n, scores, [&](int64_t e, float xe) {
+    const float s = st.score(xe);
+    if (keys) keys[e] = rank_key(s);
+    return s;
   });
   L.sync();  // the ranking reads what other lanes wrote
   if (keys)
