@@ -1028,11 +1028,7 @@ bool launch_aux_bwd_registers(cudaStream_t stream, const DeviceLimits& dev, cons
         static_cast<S*>(b.dlogits), b.tokens);
   };
   const auto by_function = [&]<int kR>() {
-    switch (aux_f) {
-      case ScoreFunction::kSoftmax: return launch.template operator()<kR, ScoreFunction::kSoftmax>();
-      case ScoreFunction::kSigmoid: return launch.template operator()<kR, ScoreFunction::kSigmoid>();
-      default: return launch.template operator()<kR, ScoreFunction::kSqrtSoftplus>();
-    }
+    with_score_function(aux_f, [&]<ScoreFunction kF>() { launch.template operator()<kR, kF>(); });
   };
   switch (R) {
     case 2: by_function.template operator()<2>(); return true;
