@@ -245,11 +245,12 @@ __global__ void __launch_bounds__(kSumThreads, 8)
 }
 
 // Stage 1 of the fused loss: the warp (row slot) adds the row dots of rows slot, slot + slots, ...
-// One instantiation per score function keeps each within 32 registers (8 blocks an SM: one wave).
+// One instantiation per score function; kMinBlocks blocks an SM (8: 32 registers, one wave of the largest
+// grid; see the launch for 6).
 // A row group's sum is on all its lanes: the xor butterfly over the warp's groups (offsets 16 .. W) adds
 // them as the host replay block_sum_of_slots does.
-template <class In, ScoreFunction kF, int W>
-__global__ void __launch_bounds__(kRowThreads, 8)
+template <class In, ScoreFunction kF, int W, int kMinBlocks>
+__global__ void __launch_bounds__(kRowThreads, kMinBlocks)
     aux_logits_kernel(const typename In::storage* __restrict__ x, Counts tpe, int64_t T, int64_t E, LossOut out) {
   using R = RowGroup<W>;
   const auto L = R::lanes();
@@ -500,12 +501,21 @@ ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBu
       // The plan of aux_loss_row.h: 32 / W row slots a warp.
       const int64_t blocks = sum_blocks(s.tokens, RowGroup<W>::kPerBlock);
       if (auto err = start_loss(stream, blocks, out); !err.success() || blocks == 0) return err;
-      auto kernel = s.f == ScoreFunction::kSoftmax   ? aux_logits_kernel<In, ScoreFunction::kSoftmax, W>
-                    : s.f == ScoreFunction::kSigmoid ? aux_logits_kernel<In, ScoreFunction::kSigmoid, W>
-                                                     : aux_logits_kernel<In, ScoreFunction::kSqrtSoftplus, W>;
-      kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(static_cast<const S*>(logits.untyped_data()), s.tpe,
-                                                           s.tokens, s.experts, out);
-      return launch_status("aux loss from logits");
+      const auto launch = [&]<int kMinBlocks>() {
+        using F = ScoreFunction;
+        auto kernel = s.f == F::kSoftmax   ? aux_logits_kernel<In, F::kSoftmax, W, kMinBlocks>
+                      : s.f == F::kSigmoid ? aux_logits_kernel<In, F::kSigmoid, W, kMinBlocks>
+                                           : aux_logits_kernel<In, F::kSqrtSoftplus, W, kMinBlocks>;
+        kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(static_cast<const S*>(logits.untyped_data()), s.tpe,
+                                                             s.tokens, s.experts, out);
+        return launch_status("aux loss from logits");
+      };
+      // 16-bit rows of at most a chunk a lane run at 6 blocks an SM (40 registers): at 8 these kernels
+      // spill, which cost them 8-15% on an H100 (E = 64 and 256 bf16); longer rows lose more to the lower
+      // occupancy than they gain.
+      if constexpr (sizeof(S) == 2)
+        if (s.experts * int64_t(sizeof(S)) <= 16 * W) return launch.template operator()<6>();
+      return launch.template operator()<8>();
     });
   });
 }
