@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cuda/atomic>
+#include <cuda_pipeline.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -286,14 +287,19 @@ struct RowInShared {
   static constexpr int V = chunk_elems<S>();
   const Lanes& L;
   int64_t chunks;
-  uint4* copy;  // [chunks], shared
+  const uint4* copy;  // [chunks], shared, filled by start_copy
 
-  __device__ RowInShared(const Lanes& lanes, const S* x, int64_t n, uint4* shared)
-      : L(lanes), chunks(n / V), copy(shared) {
+  // Starts copying this lane's chunks of row x to `shared` with cp.async, as one commit group: the
+  // loads stay in flight while the block works on another row. They are there once the lane has waited
+  // for the group (__pipeline_wait_prior).
+  __device__ static void start_copy(const Lanes& L, const S* x, int64_t n, uint4* shared) {
     const auto* src = reinterpret_cast<const uint4*>(x);
-#pragma unroll 4
-    for (int64_t c = L.lane; c < chunks; c += L.nlanes) copy[c] = src[c];
+    for (int64_t c = L.lane; c < n / V; c += L.nlanes) __pipeline_memcpy_async(shared + c, src + c, sizeof(uint4));
+    __pipeline_commit();
   }
+
+  __device__ RowInShared(const Lanes& lanes, int64_t n, const uint4* shared)
+      : L(lanes), chunks(n / V), copy(shared) {}
 
   template <class F>
   __device__ void operator()(F f) const {
@@ -344,24 +350,38 @@ __global__ void __launch_bounds__(kRowThreads)
                                            dx + t * E, true);
 }
 
-// The logits backward for longer rows: a block a row, its copy in dynamic shared memory (kShared), or
-// else (rows not made of aligned chunks, or too long) two passes over memory, of which the second hits
-// L2 often: only 8 rows an SM are in flight.
-template <class In, bool kShared>
+// The logits backward for longer rows: a block a row. Rows of aligned chunks are copied to dynamic shared
+// memory with cp.async, every chunk of a lane in flight at once, into one of kCopies buffers: with 2, the
+// next row's copy is in flight while the block works on this one. Other rows (kCopies = 0: not made of
+// aligned chunks, or too long) take two passes over memory, of which the second hits L2 often.
+template <class In, int kCopies>
 __global__ void __launch_bounds__(kRowThreads)
     aux_logits_bwd_block_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
                                 const float* __restrict__ buf, const float* __restrict__ g, int64_t T, int64_t E,
                                 typename In::storage* __restrict__ dx) {
+  using Row = RowInShared<BlockLanes, In>;
   extern __shared__ uint4 row_copy[];
   __shared__ float partials[kRowWarps];
   const BlockLanes L{int(threadIdx.x), partials};
   const ScaledCounts dscores{tpe, buf[0] * g[0]};
-  for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-    if constexpr (kShared)
-      clean_scores_bwd_of<BlockLanes, In>(L, f, RowInShared<BlockLanes, In>(L, x + t * E, E, row_copy), dscores,
-                                          dx + t * E, true);
-    else
+  if constexpr (kCopies == 0) {
+    for (int64_t t = blockIdx.x; t < T; t += gridDim.x)
       clean_scores_bwd_row<BlockLanes, In>(L, f, x + t * E, E, dscores, dx + t * E);
+    return;
+  }
+  const int64_t chunks = E / Row::V;
+  int64_t t = blockIdx.x;
+  if (t < T) Row::start_copy(L, x + t * E, E, row_copy);
+  for (int copy = 0; t < T; t += gridDim.x, copy = (copy + 1) % kCopies) {
+    const int64_t next = t + gridDim.x;
+    const bool ahead = kCopies == 2 && next < T;  // the next row's copy goes in flight before this row's use
+    if (ahead) Row::start_copy(L, x + next * E, E, row_copy + (copy ^ 1) * chunks);
+    if (ahead)
+      __pipeline_wait_prior(1);
+    else
+      __pipeline_wait_prior(0);
+    clean_scores_bwd_of<BlockLanes, In>(L, f, Row(L, E, row_copy + copy * chunks), dscores, dx + t * E, true);
+    if (kCopies == 1 && next < T) Row::start_copy(L, x + next * E, E, row_copy);  // this lane read its chunks
   }
 }
 
@@ -556,15 +576,18 @@ ffi::Error dispatch_register_layout(const RegisterLayout& c, F&& f) {
   }
 }
 
-// Rows up to this long are copied to shared memory by the block kernel: 3 blocks an SM at the longest.
+// The block kernel copies rows of up to 64 KB to shared memory (3 blocks an SM at the longest), two rows
+// where they take at most 32 KB. Two copies of 32 KB rows cost more occupancy than they gain (H100, bf16
+// E = 16384: 4% slower).
 constexpr int64_t kMaxSharedRowBytes = 64 * 1024;
+constexpr int64_t kMaxTwoCopiesBytes = 32 * 1024;
 
-template <class In, bool kShared>
+template <class In, int kCopies>
 ffi::Error launch_logits_bwd_block(cudaStream_t stream, int32_t device, const RowShapes& s, const void* x,
                                    const float* buf, const float* g, void* dx) {
   using S = typename In::storage;
-  const size_t smem = kShared ? size_t(s.experts) * sizeof(S) : 0;
-  const auto kernel = aux_logits_bwd_block_kernel<In, kShared>;
+  const size_t smem = size_t(kCopies) * size_t(s.experts) * sizeof(S);
+  const auto kernel = aux_logits_bwd_block_kernel<In, kCopies>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   // Each block loops over many rows, so the grid is one wave: with more blocks than fit at once, the
   // last of them run alone (8 an SM where 6 fit is 1.33 waves, run in the time of 2).
@@ -599,10 +622,12 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
         return launch_status("aux loss from logits backward");
       });
     }
+    if (aligned && 2 * row_bytes <= kMaxTwoCopiesBytes)
+      return launch_logits_bwd_block<In, 2>(stream, device, s, x, bf, gf, dx);
     if (aligned && row_bytes <= kMaxSharedRowBytes)
-      return launch_logits_bwd_block<In, true>(stream, device, s, x, bf, gf, dx);
+      return launch_logits_bwd_block<In, 1>(stream, device, s, x, bf, gf, dx);
     if (row_bytes > 16 * 32)  // more than a chunk a lane of a warp
-      return launch_logits_bwd_block<In, false>(stream, device, s, x, bf, gf, dx);
+      return launch_logits_bwd_block<In, 0>(stream, device, s, x, bf, gf, dx);
     return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
       aux_logits_bwd_kernel<In, W><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
           s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
