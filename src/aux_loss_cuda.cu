@@ -246,66 +246,19 @@ __global__ void __launch_bounds__(kSumThreads, 8)
   }
 }
 
-// A walk over a row in memory (for_row's order) that keeps kDepth of a lane's 16-byte chunks in flight
-// through a ring in shared memory (cp.async), where for_row has one load at a time and the 32-register
-// kernels have no registers for more. The row must be made of aligned chunks. ring: [kDepth][nlanes],
-// this row group's own.
-template <class Lanes, class In, int kDepth>
-struct RowStreamed {
-  using S = typename In::storage;
-  static constexpr int V = chunk_elems<S>();
-  const Lanes& L;
-  const S* x;
-  int64_t n;
-  uint4* ring;
-
-  __device__ void fetch(int64_t c, int slot) const {
-    const auto* src = reinterpret_cast<const uint4*>(x);
-    if (c < n / V) __pipeline_memcpy_async(ring + slot * L.nlanes + L.lane, src + c, sizeof(uint4));
-    __pipeline_commit();  // a group per chunk, empty or not, so that waiting for kDepth - 1 is uniform
-  }
-
-  template <class F>
-  __device__ void operator()(F f) const {
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d) fetch(L.lane + int64_t(d) * L.nlanes, d);
-    int slot = 0;
-    for (int64_t c = L.lane; c < n / V; c += L.nlanes) {
-      __pipeline_wait_prior(kDepth - 1);
-      S v[V];
-      load_chunk(reinterpret_cast<const S*>(ring + slot * L.nlanes + L.lane), true, v);
-      float xv[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) xv[j] = In::to_float(v[j]);
-      fetch(c + int64_t(kDepth) * L.nlanes, slot);  // the slot's chunk is in registers now
-      slot = slot + 1 == kDepth ? 0 : slot + 1;
-      f(c * V, xv);
-    }
-    __pipeline_wait_prior(0);  // the ring is reused by the next row
-  }
-};
-
 // Stage 1 of the fused loss: the warp (row slot) adds the row dots of rows slot, slot + slots, ...
 // One instantiation per score function; kMinBlocks blocks an SM (8: 32 registers, one wave of the largest
 // grid; see the launch for 6).
 // A row group's sum is on all its lanes: the xor butterfly over the warp's groups (offsets 16 .. W) adds
 // them as the host replay block_sum_of_slots does.
-template <class In, ScoreFunction kF, int W, int kMinBlocks, int kDepth>
+template <class In, ScoreFunction kF, int W, int kMinBlocks>
 __global__ void __launch_bounds__(kRowThreads, kMinBlocks)
     aux_logits_kernel(const typename In::storage* __restrict__ x, Counts tpe, int64_t T, int64_t E, LossOut out) {
   using R = RowGroup<W>;
   const auto L = R::lanes();
   float acc = 0.0f;
-  if constexpr (kDepth > 0) {
-    static_assert(W == 32, "a ring per warp");
-    __shared__ uint4 rings[kRowWarps][kDepth * 32];
-    uint4* ring = rings[threadIdx.x / 32];
-    for (int64_t t = R::first(); t < T; t += R::stride())
-      acc = acc + clean_dot_of(L, kF, RowStreamed<GroupLanes<W>, In, kDepth>{L, x + t * E, E, ring}, tpe);
-  } else {
-    for (int64_t t = R::first(); t < T; t += R::stride())
-      acc = acc + clean_dot<GroupLanes<W>, In>(L, kF, x + t * E, E, tpe);
-  }
+  for (int64_t t = R::first(); t < T; t += R::stride())
+    acc = acc + clean_dot<GroupLanes<W>, In>(L, kF, x + t * E, E, tpe);
   for (int off = 16; off >= W; off >>= 1) acc += __shfl_xor_sync(kFullMask, acc, off);
   finish_loss(combine_warps(acc), out);
 }
@@ -569,11 +522,11 @@ ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBu
       // The plan of aux_loss_row.h: 32 / W row slots a warp.
       const int64_t blocks = sum_blocks(s.tokens, RowGroup<W>::kPerBlock);
       if (auto err = start_loss(stream, blocks, out); !err.success() || blocks == 0) return err;
-      const auto launch = [&]<int kMinBlocks, int kDepth = 0>() {
+      const auto launch = [&]<int kMinBlocks>() {
         using F = ScoreFunction;
-        auto kernel = s.f == F::kSoftmax   ? aux_logits_kernel<In, F::kSoftmax, W, kMinBlocks, kDepth>
-                      : s.f == F::kSigmoid ? aux_logits_kernel<In, F::kSigmoid, W, kMinBlocks, kDepth>
-                                           : aux_logits_kernel<In, F::kSqrtSoftplus, W, kMinBlocks, kDepth>;
+        auto kernel = s.f == F::kSoftmax   ? aux_logits_kernel<In, F::kSoftmax, W, kMinBlocks>
+                      : s.f == F::kSigmoid ? aux_logits_kernel<In, F::kSigmoid, W, kMinBlocks>
+                                           : aux_logits_kernel<In, F::kSqrtSoftplus, W, kMinBlocks>;
         kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(static_cast<const S*>(logits.untyped_data()), s.tpe,
                                                              s.tokens, s.experts, out);
         return launch_status("aux loss from logits");
@@ -581,13 +534,8 @@ ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBu
       // 16-bit rows of at most a chunk a lane run at 6 blocks an SM (40 registers): at 8 these kernels
       // spill, which cost them 8-15% on an H100 (E = 64 and 256 bf16); longer rows lose more to the lower
       // occupancy than they gain.
-      const int64_t row_bytes = s.experts * int64_t(sizeof(S));
       if constexpr (sizeof(S) == 2)
-        if (row_bytes <= 16 * W) return launch.template operator()<6>();
-      // Rows of several aligned chunks a lane stream through a ring: four loads in flight a lane.
-      if constexpr (W == 32)
-        if (row_bytes > 16 * W && row_bytes % 16 == 0 && aligned16(logits.untyped_data()))
-          return launch.template operator()<8, 4>();
+        if (s.experts * int64_t(sizeof(S)) <= 16 * W) return launch.template operator()<6>();
       return launch.template operator()<8>();
     });
   });

@@ -152,17 +152,11 @@ MOE_HD CleanStats clean_stats(const Lanes& L, ScoreFunction f, const typename In
   return {f, r.m, 1.0f / (f == ScoreFunction::kSoftmax ? r.sum : r.sum + kEps)};
 }
 
-// Σ_e s_e · w(e) of the row a walk visits, from one pass over it.
-template <class Lanes, class Walk, class W>
-MOE_HD float clean_dot_of(const Lanes& L, ScoreFunction f, const Walk& walk, W w) {
-  const RowSums r = row_sums_of(L, f, walk, w);
-  return r.dot / (f == ScoreFunction::kSoftmax ? r.sum : r.sum + kEps);
-}
-
-// Σ_e s_e · w(e) of one row in memory.
+// Σ_e s_e · w(e) of one row, from one pass over it.
 template <class Lanes, class In, class W>
 MOE_HD float clean_dot(const Lanes& L, ScoreFunction f, const typename In::storage* x, int64_t n, W w) {
-  return clean_dot_of(L, f, row_walk<Lanes, In>(L, x, n), w);
+  const RowSums r = row_sums<Lanes, In>(L, f, x, n, w);
+  return r.dot / (f == ScoreFunction::kSoftmax ? r.sum : r.sum + kEps);
 }
 
 // d logits of a row's clean scores for d scores g(e) (SPEC §2 / TE's aux-score backward), element by
