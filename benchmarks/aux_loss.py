@@ -7,7 +7,9 @@
    Target on every row: GPU time <= max(1.3 x floor, floor + 3 µs) and no
    slower than pure JAX.
 3. route_with_aux_loss (DeepSeek-V3 config, T=16384 bf16) vs jax_moe.route
-   alone (target <= 1.5x route) and vs the pure-JAX composition.
+   alone (target <= 1.5x route) and vs the pure-JAX composition;
+4. aux_loss_scores (forward) vs pure JAX (the clean scores, lax.top_k,
+   bincount) at E in {64, 256, 1024}: timed, no target.
 fwd+bwd = jit(value_and_grad) w.r.t. probs / logits. Min bytes: fwd reads
 the input and tpe and writes the scalar; fwd+bwd also writes the gradient,
 and for from_logits reads the logits again: d logits depends on them, and
@@ -157,6 +159,48 @@ def path_targets(rows):
     return lines
 
 
+# ------------------------------------------------------ aux_loss_scores
+
+SCORES_ES = (64, 256) if SMOKE else (64, 256, 1024)
+
+
+def composed_scores(logits, topk, *, score_function="softmax"):
+    """Pure JAX: the clean scores, then the counts of each row's top-k."""
+    s = clean_scores(logits, score_function)
+    tpe = jnp.bincount(jax.lax.top_k(s, topk)[1].reshape(-1),
+                       length=s.shape[-1])
+    return s, tpe.astype(jnp.int32)
+
+
+def bench_scores(impls, key):
+    """Forward: reads the logits, writes float32 scores and int32 counts."""
+    rows = []
+    for e in SCORES_ES:
+        for dt in DTYPES:
+            bytes_ = T * e * (jnp.dtype(dt).itemsize + 4) + e * 4
+            key, sub = jax.random.split(key)
+            sets = common.make_sets(
+                lambda kk: make_inputs(kk, T, e, dt, False)[:1], sub)
+            label = f"aux_loss_scores E={e:<6} {jnp.dtype(dt).name:<8} fwd"
+            recs = {tag: common.measure(
+                        f"{tag:<8} {label}",
+                        jax.jit(lambda x, fn=fn: fn(x, TOPK)), sets,
+                        bytes_=bytes_)
+                    for tag, fn in impls.items()}
+            rows.append(dict(E=e, dtype=jnp.dtype(dt).name, bytes=bytes_,
+                             **recs))
+            del sets
+    return rows
+
+
+def scores_table(rows):
+    return common.md_table(
+        ["E", "dtype"] + common.COMPARE_HEADERS,
+        [[r["E"], r["dtype"]]
+         + common.compare_cells(r["bytes"], r["anchor"], r.get("jax_moe"))
+         for r in rows])
+
+
 # ------------------------------------------------- route_with_aux_loss
 
 def rwal_fwd(fn):
@@ -272,12 +316,20 @@ def main():
     rw_rows = bench_rwal(rw_impls, jax.random.key(1))
     rw_lines, rw_table = rwal_report(rw_rows)
 
+    scores_impls = {"anchor": composed_scores}
+    scores = common.get_fn(moe, "aux_loss_scores")
+    if scores:
+        scores_impls["jax_moe"] = scores
+    scores_rows = bench_scores(scores_impls, jax.random.key(2))
+
     body = "\n".join(
         [f"Anchors: aux loss = {anchor_note}; routing = {route_note}.", ""]
         + checks + [""] + path_targets(rows) + rw_lines
         + ["", f"route_with_aux_loss, DeepSeek-V3 config, T={T}, bf16:", "",
            rw_table, "", f"Aux-loss paths, T={T} (jax_moe vs pure JAX):", "",
-           path_table(rows)])
+           path_table(rows), "",
+           f"aux_loss_scores, softmax, k={TOPK}, T={T} (jax_moe vs pure JAX;"
+           " no target):", "", scores_table(scores_rows)])
     common.publish("aux_loss", "aux loss: jax_moe vs pure JAX", body)
 
 
