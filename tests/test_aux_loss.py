@@ -373,6 +373,21 @@ def test_from_logits_half_precision(rng, score_function, dtype):
   np.testing.assert_array_less(np.abs(f64(grad) - want), grad_atol(want, 1e-2) + 1e-2 * np.abs(want) + 1e-30)
 
 
+# Rows too long for registers, with more tokens than the CUDA backward launches blocks (one resident wave,
+# about 800-1100 on an H100), so that blocks take several rows: two row copies in shared memory (8 KB
+# rows), one (16.4 KB), none (rows not made of 16-byte chunks).
+@pytest.mark.parametrize("num_experts,tokens,dtype", [(2048, 2300, "f32"), (4096, 2300, "bf16"),
+                                                      (4100, 1700, "f32"), (2049, 1700, "f32")], ids=str)
+def test_from_logits_many_long_rows(rng, num_experts, tokens, dtype):
+  logits = random_logits(rng, (tokens, num_experts), DTYPES[dtype])
+  tpe = random_counts(rng, num_experts)
+  kw = dict(topk=8, coeff=COEFF, score_function="softmax")
+  grad = jax.grad(lambda x: jax_moe.aux_loss_from_logits(x, tpe, **kw))(logits)
+  want = ref.aux_loss_from_logits_grad(logits, tpe, **kw)
+  rtol = 1e-4 if dtype == "f32" else 1e-2
+  np.testing.assert_array_less(np.abs(f64(grad) - want), grad_atol(want, rtol) + rtol * np.abs(want) + 1e-30)
+
+
 @pytest.mark.parametrize("score_function", SCORE_FUNCTIONS)
 def test_from_logits_equals_the_composition(rng, score_function):
   logits = random_logits(rng, (257, 96))
