@@ -386,13 +386,6 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // ------------------------------------------------------------------ launch
-// Grid of a row kernel whose result does not depend on it: enough blocks to fill the GPU, looping over rows.
-template <int W>
-unsigned row_grid(int64_t tokens, int device, int blocks_per_sm) {
-  const int64_t blocks = (tokens + RowGroup<W>::kPerBlock - 1) / RowGroup<W>::kPerBlock;
-  return unsigned(std::min<int64_t>(blocks, int64_t(device_limits(device).sm_count) * blocks_per_sm));
-}
-
 // Runs f.template operator()<W>() for W = row_lanes(experts, elem_bytes).
 template <class F>
 ffi::Error dispatch_row_lanes(int64_t experts, int64_t elem_bytes, F&& f) {
@@ -414,8 +407,9 @@ ffi::Error aux_scores_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
     return launch_status("aux scores (zeroing the counts)");
   if (s.tokens == 0) return ffi::Error::Success();
   float* out = scores->typed_data<float>();
+  const unsigned grid = RowGroup<32>::grid(s.tokens, device_limits(device).sm_count, 4);
   return dispatch_float(s.dtype, [&]<class In>() {
-    aux_scores_kernel<In><<<row_grid<32>(s.tokens, device, 4), kRowThreads, 0, stream>>>(
+    aux_scores_kernel<In><<<grid, kRowThreads, 0, stream>>>(
         s.f, topk, static_cast<const typename In::storage*>(logits.untyped_data()), s.tokens, s.experts, out, count);
     return launch_status("aux scores");
   });
@@ -427,10 +421,11 @@ ffi::Error aux_scores_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
   if (shapes.has_error()) return shapes.error();
   const RowShapes s = *shapes;
   if (s.tokens == 0) return ffi::Error::Success();
+  const int sms = device_limits(device).sm_count;
   return dispatch_float(s.dtype, [&]<class In>() {
     using S = typename In::storage;
     return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
-      aux_scores_bwd_kernel<In, W><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
+      aux_scores_bwd_kernel<In, W><<<RowGroup<W>::grid(s.tokens, sms, 8), kRowThreads, 0, stream>>>(
           s.f, static_cast<const S*>(logits.untyped_data()), dscores.typed_data<float>(), s.tokens, s.experts,
           static_cast<S*>(dlogits->untyped_data()));
       return launch_status("aux scores backward");
@@ -615,9 +610,10 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
     const auto* gf = g.typed_data<float>();
     const int64_t row_bytes = s.experts * int64_t(sizeof(S));
     const bool aligned = row_bytes % 16 == 0 && aligned16(x) && aligned16(dx);
+    const int sms = device_limits(device).sm_count;
     if (const RegisterLayout layout = register_layout(s.experts, sizeof(S), aligned); layout.W) {
       return dispatch_register_layout(layout, [&]<int W, int R>() {
-        aux_logits_bwd_registers_kernel<In, W, R><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
+        aux_logits_bwd_registers_kernel<In, W, R><<<RowGroup<W>::grid(s.tokens, sms, 8), kRowThreads, 0, stream>>>(
             s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
         return launch_status("aux loss from logits backward");
       });
@@ -629,7 +625,7 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
     if (row_bytes > 16 * 32)  // more than a chunk a lane of a warp
       return launch_logits_bwd_block<In, 0>(stream, device, s, x, bf, gf, dx);
     return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
-      aux_logits_bwd_kernel<In, W><<<row_grid<W>(s.tokens, device, 8), kRowThreads, 0, stream>>>(
+      aux_logits_bwd_kernel<In, W><<<RowGroup<W>::grid(s.tokens, sms, 8), kRowThreads, 0, stream>>>(
           s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
       return launch_status("aux loss from logits backward");
     });

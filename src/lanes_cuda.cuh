@@ -111,6 +111,12 @@ struct RowGroupOf {
   }
   __device__ static int64_t first() { return int64_t(blockIdx.x) * kPerBlock + (threadIdx.x / W); }
   __device__ static int64_t stride() { return int64_t(gridDim.x) * kPerBlock; }
+
+  // Blocks for `rows` rows, at most blocks_per_sm an SM: past that, blocks loop over rows (stride).
+  static unsigned grid(int64_t rows, int sm_count, int blocks_per_sm) {
+    const int64_t blocks = (rows + kPerBlock - 1) / kPerBlock;
+    return unsigned(blocks < int64_t(sm_count) * blocks_per_sm ? blocks : int64_t(sm_count) * blocks_per_sm);
+  }
 };
 
 // A lane's share of a row copied to registers: R 16-byte chunks, in for_row's assignment (chunk c to

@@ -1009,21 +1009,18 @@ ffi::Error route_aux_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer log
   return launch_status("route_with_aux_loss forward (statistics)");
 }
 
-// Blocks of a backward kernel with W lanes a token: one per kPerBlock tokens, at most 16 an SM (they loop).
-template <int W>
-unsigned bwd_grid(int64_t tokens, const DeviceLimits& dev) {
-  const int64_t per_block = RowGroupOf<W, kWarpsPerBlock>::kPerBlock;
-  return unsigned(std::min<int64_t>((tokens + per_block - 1) / per_block, int64_t(dev.sm_count) * 16));
-}
+// The backward kernels take at most this many blocks an SM; their blocks loop over tokens past that.
+constexpr int kBwdBlocksPerSM = 16;
 
 // Launches route_aux_bwd_registers_kernel for R = register_chunks(...) in {2, 4, 8} (false otherwise:
 // the caller launches route_bwd_kernel).
 template <class In>
 bool launch_aux_bwd_registers(cudaStream_t stream, const DeviceLimits& dev, const RouteBwdBuffers& b, int R,
                               ScoreFunction aux_f, const float* dscale) {
+  const unsigned grid = RowGroupOf<8, kWarpsPerBlock>::grid(b.tokens, dev.sm_count, kBwdBlocksPerSM);
   const auto launch = [&]<int kR, ScoreFunction kF>() {
     using S = typename In::storage;
-    route_aux_bwd_registers_kernel<In, kR, kF><<<bwd_grid<8>(b.tokens, dev), kWarpsPerBlock * 32, 0, stream>>>(
+    route_aux_bwd_registers_kernel<In, kR, kF><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
         b.config, static_cast<const S*>(b.logits), b.indices, b.dweights, Counts{dscale, false},
         static_cast<S*>(b.dlogits), b.tokens);
   };
@@ -1061,7 +1058,8 @@ ffi::Error launch_route_bwd(cudaStream_t stream, int32_t device, const RouteBwdB
         if (aligned && launch_aux_bwd_registers<In>(stream, dev, b, register_chunks(row_bytes / 16, W), aux_f, dscale))
           return;
       }
-      route_bwd_kernel<In, W, kAux><<<bwd_grid<W>(b.tokens, dev), kWarpsPerBlock * 32, 0, stream>>>(
+      const unsigned grid = RowGroupOf<W, kWarpsPerBlock>::grid(b.tokens, dev.sm_count, kBwdBlocksPerSM);
+      route_bwd_kernel<In, W, kAux><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
           b.config, aux_f, static_cast<const S*>(b.logits), b.indices, b.dweights, dscale,
           static_cast<S*>(b.dlogits), b.tokens);
     });
