@@ -9,6 +9,8 @@
 // Counts: rows of up to kSharedRowExperts experts count into a per-block shared-memory histogram
 // flushed with integer atomics; longer rows use integer atomics on global memory. The counts are
 // zeroed with cudaMemsetAsync first; integer atomics are exact, so counts are deterministic.
+// The scores forward takes the routing kernels' segment layout instead where that is faster (E <= 256,
+// or E <= 1024 with k <= 8; segment_scores_cuda.h): it selects a token's top k in a few shuffles.
 // The probs loss's backward writes the same row of d probs on every token with 16-byte stores.
 // Loss sums: one kernel runs both stages of aux_loss_row.h's deterministic sum. Stage-1 blocks write
 // their partials to the workspace; the last block to finish (an integer atomic counter, zeroed with
@@ -26,6 +28,7 @@
 #include "cuda_launch.h"
 #include "handlers.h"
 #include "lanes_cuda.cuh"
+#include "segment_scores_cuda.h"
 
 namespace jax_moe {
 namespace {
@@ -407,6 +410,9 @@ ffi::Error aux_scores_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
     return launch_status("aux scores (zeroing the counts)");
   if (s.tokens == 0) return ffi::Error::Success();
   float* out = scores->typed_data<float>();
+  if (aux_scores_on_segments(s.experts, topk))
+    return aux_scores_segments(stream, device, s.dtype, s.f, topk, logits.untyped_data(), s.tokens, s.experts,
+                               out, count);
   const unsigned grid = RowGroup<32>::grid(s.tokens, device_limits(device).sm_count, 4);
   return dispatch_float(s.dtype, [&]<class In>() {
     aux_scores_kernel<In><<<grid, kRowThreads, 0, stream>>>(

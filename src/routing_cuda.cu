@@ -6,6 +6,7 @@
 //    groups that are runs of whole lanes (DeepSeek-V3: 8 lanes of 32 experts, one group each); a
 //    warp routes 32 / S tokens at once, every lane holding V experts in registers;
 //  * otherwise the shared row algorithm of routing_row.h, a warp per token on shared memory.
+// aux_loss_scores' forward also takes the segment path where that is faster (segment_scores_cuda.h).
 // The fused aux variant also accumulates clean-score column sums and top-k counts per block into a
 // workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
 // Backward: the shared backward row algorithm, run by 1, 8 or 32 lanes a token (dispatch_bwd_lanes);
@@ -20,6 +21,7 @@
 #include "handlers.h"
 #include "lanes_cuda.cuh"
 #include "route_aux_row.h"
+#include "segment_scores_cuda.h"
 
 namespace jax_moe {
 namespace {
@@ -48,6 +50,17 @@ struct AuxArgs {
 // row would take O(k V).
 constexpr int kChunks = 4;    // chunk maxima per lane
 constexpr int kMaxSegmentTopk = 32;
+
+// Which experts lane sl of a segment holds, value i of its V: a run of V (kRun, which groups need: they
+// are runs of lanes), or every S-th piece of 4 experts (kInterleaved: a segment's loads and stores of a
+// row then cover contiguous bytes, where a run makes each 16-byte access of a warp touch another line).
+enum class Spread { kRun, kInterleaved };
+
+template <Spread P, int S, int V>
+__device__ int expert_at(int sl, int i) {
+  if constexpr (P == Spread::kRun) return sl * V + i;
+  else return (i / 4 * S + sl) * 4 + i % 4;
+}
 
 // A candidate of segment_topk as one 64-bit number that is larger where the candidate ranks first:
 // the key above the complement of the expert (the lower expert wins a tie).
@@ -143,9 +156,29 @@ __device__ void carried_row(Carry k, const float (&x)[V], float mx, float inv_su
 }
 
 // This lane's V logits as float, -inf past the row's end (which every score maps to 0).
-template <class In, int S, int V>
+template <class In, int S, int V, Spread P = Spread::kRun>
 __device__ void load_segment_row(const SegmentLanes<S>& g, const typename In::storage* row, int E, float (&x)[V]) {
   using St = typename In::storage;
+  if constexpr (P == Spread::kInterleaved) {
+    if (E == S * V) {  // then every piece of 4 experts is aligned to its size
+      struct alignas(4 * sizeof(St)) Piece {
+        St v[4];
+      };
+#pragma unroll
+      for (int c = 0; c < V / 4; ++c) {
+        const Piece p = *reinterpret_cast<const Piece*>(row + expert_at<P, S, V>(g.sl, 4 * c));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) x[4 * c + j] = In::to_float(p.v[j]);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int e = expert_at<P, S, V>(g.sl, i);
+      x[i] = e < E ? In::to_float(row[e]) : -INFINITY;
+    }
+    return;
+  }
   constexpr int kBytes = V * int(sizeof(St));
   const int e0 = g.sl * V;
   if constexpr (kBytes % 16 == 0) {
@@ -163,12 +196,12 @@ __device__ void load_segment_row(const SegmentLanes<S>& g, const typename In::st
   for (int i = 0; i < V; ++i) x[i] = e0 + i < E ? In::to_float(row[e0 + i]) : -INFINITY;
 }
 
-template <int S, int V>
+template <int S, int V, Spread P = Spread::kRun>
 __device__ void exclude_padding(const SegmentLanes<S>& g, int E, uint32_t (&key)[V]) {
   if (E == S * V) return;
 #pragma unroll
   for (int i = 0; i < V; ++i)
-    if (g.sl * V + i >= E) key[i] = kExcluded;
+    if (expert_at<P, S, V>(g.sl, i) >= E) key[i] = kExcluded;
 }
 
 __device__ void sort4_descending(uint32_t (&a)[4]) {
@@ -203,7 +236,7 @@ __device__ uint32_t candidate_threshold(const SegmentLanes<S>& g, int k, const u
 
 // k rounds of segment arg-max: exact whatever the ties, for warps where some token has more than
 // kMaxSegmentTopk candidates.
-template <int S, int V>
+template <int S, int V, Spread P>
 __device__ void topk_by_rounds(const SegmentLanes<S>& g, int k, const uint32_t (&key)[V], bool alive, int32_t* pick) {
   __syncwarp();  // pick may still be read for the previous token
   Cand bound = start_bound();
@@ -212,7 +245,7 @@ __device__ void topk_by_rounds(const SegmentLanes<S>& g, int k, const uint32_t (
     if (alive)
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const Cand c{key[i], g.sl * V + i};
+        const Cand c{key[i], expert_at<P, S, V>(g.sl, i)};
         if (c.key != kExcluded && before(bound, c) && before(c, best)) best = c;
       }
     bound = g.best(best);
@@ -254,10 +287,10 @@ __device__ void sort_candidates(const SegmentLanes<S>& g, int total, int k, cons
 
 // Writes the experts of the segment's k best keys, in rank order, to s.pick[segment][0, k), given
 // tau <= the k-th best key. alive = false: this lane's keys do not take part (its group was dropped).
-template <int S, int V>
+template <int S, int V, Spread P = Spread::kRun>
 __device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&key)[V], bool alive, uint32_t tau,
                              SegmentScratch<S, V>& s) {
-  const int seg = g.segment(), e0 = g.sl * V;
+  const int seg = g.segment();
 #pragma unroll
   for (int c = 0; c < V / 4; ++c)  // read back by index below
     s.key[c][g.lane] = make_uint4(key[4 * c], key[4 * c + 1], key[4 * c + 2], key[4 * c + 3]);
@@ -267,12 +300,12 @@ __device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&k
     if (alive && key[i] >= tau) mask |= 1u << i;
   const int count = __popc(mask), first = g.exclusive_sum(count);
   const int total = g.shfl(first + count, S - 1);
-  if (__any_sync(kFullMask, total > kMaxSegmentTopk)) return topk_by_rounds<S, V>(g, k, key, alive, s.pick[seg]);
+  if (__any_sync(kFullMask, total > kMaxSegmentTopk)) return topk_by_rounds<S, V, P>(g, k, key, alive, s.pick[seg]);
 
   uint64_t* cand = s.cand[seg];
   for (int slot = first; mask; mask &= mask - 1, ++slot) {
     const int i = __ffs(mask) - 1;
-    cand[slot] = packed_cand(s.key_at(g.lane, i), e0 + i);
+    cand[slot] = packed_cand(s.key_at(g.lane, i), expert_at<P, S, V>(g.sl, i));
   }
   const int padded = (total + 3) & ~3;
   if (total + g.sl < padded) cand[total + g.sl] = 0;
@@ -367,12 +400,10 @@ __device__ void add_column_sums(const SegmentLanes<S>& g, const float (&num)[V],
   }
 }
 
-// Fused aux statistics of one token: clean scores into the warp's column sums, its top-k experts by
-// clean score into the block's histogram.
+// The clean scores (SPEC §2) of the token row a segment holds are num[i] · inv_denom: fills num and
+// returns inv_denom.
 template <int S, int V>
-__device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, const float (&x)[V], int E,
-                                  bool valid, SegmentScratch<S, V>& s, WarpColumnSums<S, V>& cs, int* counts) {
-  const Carry k = score_carry(a.score_function);
+__device__ float segment_clean_scores(const SegmentLanes<S>& g, Carry k, const float (&x)[V], float (&num)[V]) {
   float mx = 0.0f;
   if (k == Carry::kSoftmax) {
     float m = -INFINITY;
@@ -380,20 +411,37 @@ __device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, 
     for (int i = 0; i < V; ++i) m = fmaxf(m, x[i]);
     mx = g.fmax(m);
   }
-  float num[V], total = 0.0f;
+  float total = 0.0f;
   carried_row<V>(k, x, mx, 1.0f, num);
 #pragma unroll
   for (int i = 0; i < V; ++i) total += num[i];
-  const float inv_denom = 1.0f / (k == Carry::kSoftmax ? g.sum(total) : g.sum(total) + kEps);  // as CleanStats
-  add_column_sums<S, V>(g, num, valid ? inv_denom : 0.0f, s, cs);
+  return 1.0f / (k == Carry::kSoftmax ? g.sum(total) : g.sum(total) + kEps);  // as CleanStats
+}
+
+// Adds the token's top-k experts by clean score to counts (shared or global memory; integer atomics, so
+// the order does not matter), where the token is valid.
+template <int S, int V, Spread P>
+__device__ void count_clean_topk(const SegmentLanes<S>& g, int k, const float (&num)[V], float inv_denom, int E,
+                                 bool valid, SegmentScratch<S, V>& s, int* counts) {
   uint32_t key[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) key[i] = rank_key(num[i] * inv_denom);
-  exclude_padding<S, V>(g, E, key);
-  segment_topk<S, V>(g, int(a.topk), key, true, candidate_threshold<S, V>(g, int(a.topk), key, true), s);
+  exclude_padding<S, V, P>(g, E, key);
+  segment_topk<S, V, P>(g, k, key, true, candidate_threshold<S, V>(g, k, key, true), s);
   if (valid)
-    for (int j = g.sl; j < a.topk; j += S) atomicAdd(&counts[s.pick[g.segment()][j]], 1);  // order-free
-  __syncwarp();  // the routing selection reuses pick
+    for (int j = g.sl; j < k; j += S) atomicAdd(&counts[s.pick[g.segment()][j]], 1);
+  __syncwarp();  // pick is written again for the next selection
+}
+
+// Fused aux statistics of one token: clean scores into the warp's column sums, its top-k experts by
+// clean score into the block's histogram.
+template <int S, int V>
+__device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, const float (&x)[V], int E,
+                                  bool valid, SegmentScratch<S, V>& s, WarpColumnSums<S, V>& cs, int* counts) {
+  float num[V];
+  const float inv_denom = segment_clean_scores<S, V>(g, score_carry(a.score_function), x, num);
+  add_column_sums<S, V>(g, num, valid ? inv_denom : 0.0f, s, cs);
+  count_clean_topk<S, V, Spread::kRun>(g, int(a.topk), num, inv_denom, E, valid, s, counts);
 }
 
 // Weights of the chosen experts from their logits, written by the segment's lanes in rank order.
@@ -528,6 +576,59 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       aux.ws_counts[int64_t(blockIdx.x) * E + e] = counts[e];
     }
   }
+}
+
+// This lane's clean scores num[i] · inv_denom of a row of E experts, to out (the row): 16-byte stores of
+// contiguous pieces where the lanes' V experts make up the whole row.
+template <int S, int V>
+__device__ void store_segment_scores(const SegmentLanes<S>& g, const float (&num)[V], float inv_denom, int E,
+                                     float* out) {
+  constexpr Spread P = Spread::kInterleaved;
+  if (E == S * V) {  // then every piece of 4 experts is 16-byte aligned
+#pragma unroll
+    for (int c = 0; c < V / 4; ++c)
+      *reinterpret_cast<float4*>(out + expert_at<P, S, V>(g.sl, 4 * c)) =
+          make_float4(num[4 * c] * inv_denom, num[4 * c + 1] * inv_denom, num[4 * c + 2] * inv_denom,
+                      num[4 * c + 3] * inv_denom);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+    if (expert_at<P, S, V>(g.sl, i) < E) out[expert_at<P, S, V>(g.sl, i)] = num[i] * inv_denom;
+}
+
+// aux_loss_scores' forward on the segment layout, lanes holding interleaved pieces of the row (no groups to
+// keep together): each token's clean scores written as float32, its top k counted into the block's
+// histogram, which is added to counts (zeroed before) with integer atomics.
+// Dynamic shared memory as route_segment_kernel's: the histogram [S*V] where the bias would be, then a
+// SegmentScratch per warp.
+template <class In, int S, int V>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
+    aux_scores_segment_kernel(ScoreFunction f, int k, const typename In::storage* __restrict__ x, int64_t T,
+                              int E, float* __restrict__ scores, int* counts) {
+  constexpr int kTokensPerWarp = 32 / S;
+  extern __shared__ __align__(16) float smem[];
+  int* hist = reinterpret_cast<int*>(smem);
+  auto* scratch = reinterpret_cast<SegmentScratch<S, V>*>(smem + S * V);
+  for (int e = threadIdx.x; e < S * V; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const int warp = threadIdx.x / 32;
+  const SegmentLanes<S> g(threadIdx.x & 31);
+  const Carry carry = score_carry(f);
+  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kTokensPerWarp;
+  for (int64_t t0 = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * kTokensPerWarp; t0 < T; t0 += stride) {
+    const int64_t t = t0 + g.segment();
+    const bool valid = t < T;
+    const int64_t row = valid ? t : T - 1;
+    float xv[V], num[V];
+    load_segment_row<In, S, V, Spread::kInterleaved>(g, x + row * E, E, xv);
+    const float inv_denom = segment_clean_scores<S, V>(g, carry, xv, num);
+    if (valid) store_segment_scores<S, V>(g, num, inv_denom, E, scores + row * E);
+    count_clean_topk<S, V, Spread::kInterleaved>(g, k, num, inv_denom, E, valid, scratch[warp], hist);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x)
+    if (hist[e]) atomicAdd(counts + e, hist[e]);
 }
 
 // ------------------------------------------------------- one thread per token
@@ -836,16 +937,23 @@ struct SegmentLayout {
   int S = 0, V = 0, lpg = 0;
 };
 
-SegmentLayout segment_layout(const RouteConfig& c, int64_t aux_topk, int64_t tokens) {
-  const int64_t E = c.num_experts;
-  if (E > 1024 || c.topk > kMaxSegmentTopk || aux_topk > kMaxSegmentTopk) return {};
+// S lanes of V experts a token, for rows of E <= 1024 experts.
+SegmentLayout segment_lanes(int64_t E, int64_t tokens) {
   const int S = E <= 256 && tokens >= kWideTokens ? 8 : 32;
   int V = 4;
   while (S * V < E) V *= 2;
-  if (c.num_groups == 0) return {S, V, 0};
-  const int64_t gs = c.group_size(), lpg = gs / V;
-  if (E != S * V || gs % V || (lpg & (lpg - 1)) || c.group_score_topn > 2) return {};
-  return {S, V, int(lpg)};
+  return {S, V, 0};
+}
+
+SegmentLayout segment_layout(const RouteConfig& c, int64_t aux_topk, int64_t tokens) {
+  const int64_t E = c.num_experts;
+  if (E > 1024 || c.topk > kMaxSegmentTopk || aux_topk > kMaxSegmentTopk) return {};
+  SegmentLayout layout = segment_lanes(E, tokens);
+  if (c.num_groups == 0) return layout;
+  const int64_t gs = c.group_size(), lpg = gs / layout.V;
+  if (E != layout.S * layout.V || gs % layout.V || (lpg & (lpg - 1)) || c.group_score_topn > 2) return {};
+  layout.lpg = int(lpg);
+  return layout;
 }
 
 // One forward launch: the kernel, its grid (fixed by the workspace for the aux variant, whose
@@ -1093,6 +1201,37 @@ ffi::Error route_aux_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer log
 }
 
 }  // namespace
+
+// Where it beat the row kernel on an H100 (T = 16384, RESULTS.md): E <= 256 at k = 8 and 32, E = 1024 at
+// k = 8. At E = 1024, k = 32 it was slower (483 against 451 µs, before the lanes were interleaved), the
+// threshold's k rounds of shuffles costing more than the row kernel's k arg-max passes.
+bool aux_scores_on_segments(int64_t experts, int64_t topk) {
+  return experts <= 256 ? topk <= kMaxSegmentTopk : experts <= 1024 && topk <= 8;
+}
+
+ffi::Error aux_scores_segments(cudaStream_t stream, int32_t device, Dtype dtype, ScoreFunction f, int64_t topk,
+                               const void* logits, int64_t T, int64_t E, float* scores, int* counts) {
+  const int sm_count = device_limits(device).sm_count;
+  return dispatch_float(dtype, [&]<class In>() {
+    dispatch_segment_layout(segment_lanes(E, T), [&]<int S, int V>() {
+      constexpr size_t smem = segment_smem_bytes<S, V, false>();
+      const auto kernel = aux_scores_segment_kernel<In, S, V>;
+      if constexpr (smem > 48 * 1024)
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      static const int resident = [&] {  // one resident wave at most, as launch_segment
+        int n = 0;
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarpsPerBlock * 32, smem);
+        return n > 0 ? n : 1;
+      }();
+      constexpr int kTokensPerBlock = kWarpsPerBlock * 32 / S;
+      const int64_t blocks =
+          std::min<int64_t>((T + kTokensPerBlock - 1) / kTokensPerBlock, int64_t(resident) * sm_count);
+      kernel<<<unsigned(blocks), kWarpsPerBlock * 32, smem, stream>>>(
+          f, int(topk), static_cast<const typename In::storage*>(logits), T, int(E), scores, counts);
+    });
+    return launch_status("aux scores (segment per token)");
+  });
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_fwd_cuda, route_fwd,
                               bind_route_attrs(bind_stream_and_device()

@@ -274,10 +274,12 @@ def scores_rtol(num_experts):
   return 2e-6 * max(1.0, (num_experts / 64) ** 0.5)
 
 
-# (E, k, T): k > 32 takes the threshold search instead of k enumeration passes; E > 1024 a block per row on GPU.
+# (E, k, T): k > 32 takes the threshold search instead of k enumeration passes. On the GPU, E <= 256 with
+# k <= 32 and E <= 1024 with k <= 8 take the segment kernel (8 lanes a token from 4096 tokens with
+# E <= 256, else 32), the rest the row kernel, and E > 1024 a block per row there.
 SCORE_CASES = [(32, 1, 333), (32, 4, 1), (32, 32, 65), (256, 8, 333), (256, 33, 65), (1024, 4, 333),
                (1024, 8, 129), (1024, 200, 9), (4096, 8, 33), (4096, 1, 1), (16384, 1, 5), (16384, 8, 17),
-               (16384, 40, 3)]
+               (16384, 40, 3), (130, 8, 4099), (256, 32, 4096), (1024, 32, 7)]
 
 
 @pytest.mark.parametrize("num_experts,topk,tokens", SCORE_CASES, ids=str)
