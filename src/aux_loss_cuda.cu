@@ -279,6 +279,38 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // ------------------------------------------------- the logits backward's rows
+// The backward's d scores, scale · tpe[e], converted once per block into shared memory: its two walks of
+// every row then read a chunk's weights with 16-byte shared loads, where ScaledCounts takes two 16-byte
+// L1 loads, a conversion and a product per element. The same floats: the results do not change.
+struct SharedWeights {
+  const float* w;  // [E], shared
+};
+
+template <int N>
+__device__ void weights_at(const SharedWeights& v, int64_t e0, float (&w)[N]) {
+  if constexpr (N % 4 == 0) {  // a chunk: e0 is a multiple of 4
+#pragma unroll
+    for (int q = 0; q < N / 4; ++q) {
+      const float4 f = reinterpret_cast<const float4*>(v.w + e0)[q];
+      w[4 * q] = f.x, w[4 * q + 1] = f.y, w[4 * q + 2] = f.z, w[4 * q + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) w[j] = v.w[e0 + j];
+  }
+}
+
+// Fills w[0, E) with g(e), the block's threads together, and waits for all of them.
+__device__ SharedWeights stage_weights(const ScaledCounts& g, int64_t E, float* w) {
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) w[e] = g(e);
+  __syncthreads();
+  return {w};
+}
+
+// The block backward stages its d scores where they and its row copies take at most this much shared
+// memory (bf16 E <= 4096, f32 E <= 2048): past it the block kernel loses occupancy.
+constexpr int64_t kMaxStagedBlockBytes = 32 * 1024;
+
 // The logits backward walks each row twice (its sums, then d logits) and reads it from memory once:
 // rows of up to 8 chunks a lane of a warp are kept in registers (RowInRegisters, lanes_cuda.cuh),
 // longer ones in the block's shared memory. A copy holds this lane's chunks only, so a lane reads back
@@ -339,7 +371,7 @@ struct BlockLanes {
 };
 
 // The logits backward for rows of up to 8 chunks a lane: W lanes a row (a group of a warp's lanes), R
-// chunks a lane, in registers.
+// chunks a lane, in registers; the d scores staged in dynamic shared memory (E floats, at most 8 KB).
 template <class In, int W, int R>
 __global__ void __launch_bounds__(kRowThreads)
     aux_logits_bwd_registers_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
@@ -347,7 +379,8 @@ __global__ void __launch_bounds__(kRowThreads)
                                     int64_t E, typename In::storage* __restrict__ dx) {
   using Rows = RowGroup<W>;
   const auto L = Rows::lanes();
-  const ScaledCounts dscores{tpe, buf[0] * g[0]};
+  extern __shared__ float4 staged[];  // [E] floats
+  const SharedWeights dscores = stage_weights({tpe, buf[0] * g[0]}, E, reinterpret_cast<float*>(staged));
   for (int64_t t = Rows::first(); t < T; t += Rows::stride())
     clean_scores_bwd_of<GroupLanes<W>, In>(L, f, RowInRegisters<GroupLanes<W>, In, R>(L, x + t * E, E), dscores,
                                            dx + t * E, true);
@@ -356,8 +389,9 @@ __global__ void __launch_bounds__(kRowThreads)
 // The logits backward for longer rows: a block a row. Rows of aligned chunks are copied to dynamic shared
 // memory with cp.async, every chunk of a lane in flight at once, into one of kCopies buffers: with 2, the
 // next row's copy is in flight while the block works on this one. Other rows (kCopies = 0: not made of
-// aligned chunks, or too long) take two passes over memory, of which the second hits L2 often.
-template <class In, int kCopies>
+// aligned chunks, or too long) take two passes over memory, of which the second hits L2 often. With
+// kStaged, the d scores are staged after the copies.
+template <class In, int kCopies, bool kStaged>
 __global__ void __launch_bounds__(kRowThreads)
     aux_logits_bwd_block_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
                                 const float* __restrict__ buf, const float* __restrict__ g, int64_t T, int64_t E,
@@ -366,7 +400,13 @@ __global__ void __launch_bounds__(kRowThreads)
   extern __shared__ uint4 row_copy[];
   __shared__ float partials[kRowWarps];
   const BlockLanes L{int(threadIdx.x), partials};
-  const ScaledCounts dscores{tpe, buf[0] * g[0]};
+  const auto dscores = [&] {
+    const ScaledCounts counts{tpe, buf[0] * g[0]};
+    if constexpr (kStaged)
+      return stage_weights(counts, E, reinterpret_cast<float*>(row_copy + kCopies * (E / Row::V)));
+    else
+      return counts;
+  }();
   if constexpr (kCopies == 0) {
     for (int64_t t = blockIdx.x; t < T; t += gridDim.x)
       clean_scores_bwd_row<BlockLanes, In>(L, f, x + t * E, E, dscores, dx + t * E);
@@ -583,13 +623,14 @@ ffi::Error dispatch_register_layout(const RegisterLayout& c, F&& f) {
 constexpr int64_t kMaxSharedRowBytes = 64 * 1024;
 constexpr int64_t kMaxTwoCopiesBytes = 32 * 1024;
 
-template <class In, int kCopies>
+template <class In, int kCopies, bool kStaged>
 ffi::Error launch_logits_bwd_block(cudaStream_t stream, int32_t device, const RowShapes& s, const void* x,
                                    const float* buf, const float* g, void* dx) {
   using S = typename In::storage;
-  const size_t smem = size_t(kCopies) * size_t(s.experts) * sizeof(S);
-  const auto kernel = aux_logits_bwd_block_kernel<In, kCopies>;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  const size_t smem = size_t(s.experts) * (kCopies * sizeof(S) + (kStaged ? sizeof(float) : 0));
+  const auto kernel = aux_logits_bwd_block_kernel<In, kCopies, kStaged>;
+  // Past 48 KB with the kernel's static shared memory (its partials), a launch must opt in.
+  if (smem > 47 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   // Each block loops over many rows, so the grid is one wave: with more blocks than fit at once, the
   // last of them run alone (8 an SM where 6 fit is 1.33 waves, run in the time of 2).
   int resident = 0;
@@ -619,17 +660,21 @@ ffi::Error aux_logits_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer lo
     const int sms = device_limits(device).sm_count;
     if (const RegisterLayout layout = register_layout(s.experts, sizeof(S), aligned); layout.W) {
       return dispatch_register_layout(layout, [&]<int W, int R>() {
-        aux_logits_bwd_registers_kernel<In, W, R><<<RowGroup<W>::grid(s.tokens, sms, 8), kRowThreads, 0, stream>>>(
-            s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
+        aux_logits_bwd_registers_kernel<In, W, R><<<RowGroup<W>::grid(s.tokens, sms, 8), kRowThreads,
+                                                    s.experts * sizeof(float), stream>>>(s.f, x, s.tpe, bf, gf,
+                                                                                         s.tokens, s.experts, dx);
         return launch_status("aux loss from logits backward");
       });
     }
-    if (aligned && 2 * row_bytes <= kMaxTwoCopiesBytes)
-      return launch_logits_bwd_block<In, 2>(stream, device, s, x, bf, gf, dx);
+    if (aligned && 2 * row_bytes <= kMaxTwoCopiesBytes) {
+      if (2 * row_bytes + s.experts * int64_t(sizeof(float)) <= kMaxStagedBlockBytes)
+        return launch_logits_bwd_block<In, 2, true>(stream, device, s, x, bf, gf, dx);
+      return launch_logits_bwd_block<In, 2, false>(stream, device, s, x, bf, gf, dx);
+    }
     if (aligned && row_bytes <= kMaxSharedRowBytes)
-      return launch_logits_bwd_block<In, 1>(stream, device, s, x, bf, gf, dx);
+      return launch_logits_bwd_block<In, 1, false>(stream, device, s, x, bf, gf, dx);
     if (row_bytes > 16 * 32)  // more than a chunk a lane of a warp
-      return launch_logits_bwd_block<In, 0>(stream, device, s, x, bf, gf, dx);
+      return launch_logits_bwd_block<In, 0, false>(stream, device, s, x, bf, gf, dx);
     return dispatch_row_lanes(s.experts, sizeof(S), [&]<int W>() {
       aux_logits_bwd_kernel<In, W><<<RowGroup<W>::grid(s.tokens, sms, 8), kRowThreads, 0, stream>>>(
           s.f, x, s.tpe, bf, gf, s.tokens, s.experts, dx);
