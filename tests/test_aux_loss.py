@@ -62,6 +62,10 @@ def grad_atol(want, rtol):
   return rtol * np.abs(want).max(-1, keepdims=True)
 
 
+def assert_grad_close(grad, want, rtol):
+  np.testing.assert_array_less(np.abs(f64(grad) - want), grad_atol(want, rtol) + rtol * np.abs(want) + 1e-30)
+
+
 def four_device_mesh(shape=(4,), names=("x",)):
   if len(jax.devices()) < 4:
     pytest.skip(f"needs 4 devices, {jax.devices()[0].platform} has {len(jax.devices())}")
@@ -341,7 +345,7 @@ def test_aux_scores_gradient(rng, score_function, num_experts, dtype):
   assert grad.shape == logits.shape and grad.dtype == dt
   want = ref.clean_scores_vjp(logits, cot, score_function)
   rtol = 1e-4 if dt == F32 else 1e-2
-  np.testing.assert_array_less(np.abs(f64(grad) - want), grad_atol(want, rtol) + rtol * np.abs(want) + 1e-30)
+  assert_grad_close(grad, want, rtol)
 
 
 # ------------------------------------------------------------------------ aux_loss_from_logits
@@ -359,7 +363,7 @@ def test_from_logits_matches_reference(rng, score_function, num_experts, topk, t
   assert loss.dtype == F32 and grad.dtype == F32
   assert_close(loss, ref.aux_loss_from_logits(logits, tpe, **kw), 1e-5)
   want = ref.aux_loss_from_logits_grad(logits, tpe, **kw)
-  np.testing.assert_array_less(np.abs(f64(grad) - want), grad_atol(want, 1e-4) + 1e-4 * np.abs(want) + 1e-30)
+  assert_grad_close(grad, want, 1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
@@ -372,7 +376,7 @@ def test_from_logits_half_precision(rng, score_function, dtype):
   assert loss.dtype == F32 and grad.dtype == logits.dtype
   assert_close(loss, ref.aux_loss_from_logits(logits, tpe, **kw), 1e-5)
   want = ref.aux_loss_from_logits_grad(logits, tpe, **kw)
-  np.testing.assert_array_less(np.abs(f64(grad) - want), grad_atol(want, 1e-2) + 1e-2 * np.abs(want) + 1e-30)
+  assert_grad_close(grad, want, 1e-2)
 
 
 # Rows too long for registers, with more tokens than the CUDA backward launches blocks (one resident wave,
@@ -387,7 +391,7 @@ def test_from_logits_many_long_rows(rng, num_experts, tokens, dtype):
   grad = jax.grad(lambda x: jax_moe.aux_loss_from_logits(x, tpe, **kw))(logits)
   want = ref.aux_loss_from_logits_grad(logits, tpe, **kw)
   rtol = 1e-4 if dtype == "f32" else 1e-2
-  np.testing.assert_array_less(np.abs(f64(grad) - want), grad_atol(want, rtol) + rtol * np.abs(want) + 1e-30)
+  assert_grad_close(grad, want, rtol)
 
 
 def test_from_logits_rows_of_48_kb(rng):
@@ -398,7 +402,7 @@ def test_from_logits_rows_of_48_kb(rng):
   kw = dict(topk=8, coeff=COEFF, score_function="sigmoid")
   grad = jax.grad(lambda x: jax_moe.aux_loss_from_logits(x, tpe, **kw))(logits)
   want = ref.aux_loss_from_logits_grad(logits, tpe, **kw)
-  np.testing.assert_array_less(np.abs(f64(grad) - want), grad_atol(want, 1e-4) + 1e-4 * np.abs(want) + 1e-30)
+  assert_grad_close(grad, want, 1e-4)
 
 
 @pytest.mark.parametrize("score_function", SCORE_FUNCTIONS)
@@ -574,7 +578,7 @@ def test_grad_of_jit(rng):
   kw = dict(topk=8, coeff=COEFF, score_function="sqrtsoftplus")
   grad = jax.jit(jax.grad(lambda x: jax_moe.aux_loss_from_logits(x, tpe, **kw)))(logits)
   want = ref.aux_loss_from_logits_grad(logits, tpe, **kw)
-  np.testing.assert_array_less(np.abs(f64(grad) - want), grad_atol(want, 1e-4) + 1e-4 * np.abs(want) + 1e-30)
+  assert_grad_close(grad, want, 1e-4)
 
 
 # ------------------------------------------------------------------------------------ sharding
