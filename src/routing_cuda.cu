@@ -982,22 +982,29 @@ void launch_thread(const Launch& l, const RouteConfig& c, const void* x, BiasLoa
       c, static_cast<const typename In::storage*>(x), bias, T, w, idx, kAux ? *l.aux : AuxArgs{});
 }
 
+// Readies a segment-path kernel for a launch with `smem` bytes of dynamic shared memory (past 48 KB a kernel
+// must opt in, on each device; a failure shows in the launch, which is reported), and returns how many of
+// its blocks an SM holds at once, queried once per kernel: grids of at most one resident wave pay the
+// blocks' setup once per block slot, and give every warp about as many tokens as the others.
+template <auto kKernel>
+int resident_segment_blocks(size_t smem) {
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  static const int resident = [smem] {
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kWarpsPerBlock * 32, smem);
+    return n > 0 ? n : 1;
+  }();
+  return resident;
+}
+
 template <class In, int S, int V, bool kAux>
 void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, int lpg,
                     float* w, int32_t* idx) {
   constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
   static_assert(smem <= 112 * 1024, "the segment path needs two blocks an SM at least");
-  const auto kernel = route_segment_kernel<In, S, V, kAux>;
-  // Past 48 KB a kernel must opt in, on each device (a failure shows in the launch, which is reported).
-  if constexpr (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  // At most one resident wave: the blocks' setup (the bias in shared memory) is then paid once per
-  // block slot, and every warp routes about as many tokens as the others. (The aux variant's grid is
-  // capped by its workspace's block count instead.)
-  static const int resident = [&] {
-    int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarpsPerBlock * 32, smem);
-    return n > 0 ? n : 1;
-  }();
+  constexpr auto kernel = route_segment_kernel<In, S, V, kAux>;
+  const int resident = resident_segment_blocks<kernel>(smem);
+  // At most one resident wave; the aux variant's grid is capped by its workspace's block count instead.
   unsigned grid = l.grid(T, kWarpsPerBlock * 32 / S);
   if (!kAux) grid = std::min(grid, unsigned(resident * l.dev.sm_count));
   kernel<<<grid, kWarpsPerBlock * 32, smem, l.stream>>>(c, static_cast<const typename In::storage*>(x), bias, T, lpg,
@@ -1215,14 +1222,8 @@ ffi::Error aux_scores_segments(cudaStream_t stream, int32_t device, Dtype dtype,
   return dispatch_float(dtype, [&]<class In>() {
     dispatch_segment_layout(segment_lanes(E, T), [&]<int S, int V>() {
       constexpr size_t smem = segment_smem_bytes<S, V, false>();
-      const auto kernel = aux_scores_segment_kernel<In, S, V>;
-      if constexpr (smem > 48 * 1024)
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      static const int resident = [&] {  // one resident wave at most, as launch_segment
-        int n = 0;
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarpsPerBlock * 32, smem);
-        return n > 0 ? n : 1;
-      }();
+      constexpr auto kernel = aux_scores_segment_kernel<In, S, V>;
+      const int resident = resident_segment_blocks<kernel>(smem);  // one resident wave at most
       constexpr int kTokensPerBlock = kWarpsPerBlock * 32 / S;
       const int64_t blocks =
           std::min<int64_t>((T + kTokensPerBlock - 1) / kTokensPerBlock, int64_t(resident) * sm_count);
