@@ -249,39 +249,10 @@ __global__ void __launch_bounds__(kSumThreads, 8)
   }
 }
 
-// Stage 1 of the fused loss: the warp (row slot) adds the row dots of rows slot, slot + slots, ...
-// One instantiation per score function; kMinBlocks blocks an SM (8: 32 registers, one wave of the largest
-// grid; see the launch for 6).
-// A row group's sum is on all its lanes: the xor butterfly over the warp's groups (offsets 16 .. W) adds
-// them as the host replay block_sum_of_slots does.
-template <class In, ScoreFunction kF, int W, int kMinBlocks>
-__global__ void __launch_bounds__(kRowThreads, kMinBlocks)
-    aux_logits_kernel(const typename In::storage* __restrict__ x, Counts tpe, int64_t T, int64_t E, LossOut out) {
-  using R = RowGroup<W>;
-  const auto L = R::lanes();
-  float acc = 0.0f;
-  for (int64_t t = R::first(); t < T; t += R::stride())
-    acc = acc + clean_dot<GroupLanes<W>, In>(L, kF, x + t * E, E, tpe);
-  for (int off = 16; off >= W; off >>= 1) acc += __shfl_xor_sync(kFullMask, acc, off);
-  finish_loss(combine_warps(acc), out);
-}
-
-template <class In, int W>
-__global__ void __launch_bounds__(kRowThreads)
-    aux_logits_bwd_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
-                          const float* __restrict__ buf, const float* __restrict__ g, int64_t T, int64_t E,
-                          typename In::storage* __restrict__ dx) {
-  using R = RowGroup<W>;
-  const auto L = R::lanes();
-  const ScaledCounts dscores{tpe, buf[0] * g[0]};
-  for (int64_t t = R::first(); t < T; t += R::stride())
-    clean_scores_bwd_row<GroupLanes<W>, In>(L, f, x + t * E, E, dscores, dx + t * E);
-}
-
-// ------------------------------------------------- the logits backward's rows
-// The backward's d scores, scale · tpe[e], converted once per block into shared memory: its two walks of
-// every row then read a chunk's weights with 16-byte shared loads, where ScaledCounts takes two 16-byte
-// L1 loads, a conversion and a product per element. The same floats: the results do not change.
+// Weights of a row's elements converted once per block into shared memory: the forward's counts tpe[e]
+// and the backward's d scores scale · tpe[e]. A chunk's weights are then 16-byte shared loads, where
+// Counts takes two 16-byte L1 loads and a conversion per element (int32 counts: an I2F, on the
+// quarter-rate pipe that the scores' exponentials also need). The same floats: results do not change.
 struct SharedWeights {
   const float* w;  // [E], shared
 };
@@ -301,12 +272,60 @@ __device__ void weights_at(const SharedWeights& v, int64_t e0, float (&w)[N]) {
 }
 
 // Fills w[0, E) with g(e), the block's threads together, and waits for all of them.
-__device__ SharedWeights stage_weights(const ScaledCounts& g, int64_t E, float* w) {
+template <class G>
+__device__ SharedWeights stage_weights(const G& g, int64_t E, float* w) {
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) w[e] = g(e);
   __syncthreads();
   return {w};
 }
 
+// The most shared memory the forward's staged counts take (16-bit rows only). Measured on an H100
+// (T = 16384, against the counts read per chunk): bf16 sigmoid E = 1024-4096 10-16% faster (the kernels
+// no longer spill at 32 registers), sqrtsoftplus within 1%; softmax 7% faster at E = 1024 and 3%
+// slower at E = 4096, hence half the room. float32 rows do not stage: their sigmoid kernels then spill
+// and lose 10-20%, softmax moves within 2%.
+constexpr int64_t staged_counts_bytes(ScoreFunction f) {
+  return f == ScoreFunction::kSoftmax ? 8 * 1024 : 16 * 1024;
+}
+
+// Stage 1 of the fused loss: the warp (row slot) adds the row dots of rows slot, slot + slots, ...
+// One instantiation per score function; kMinBlocks blocks an SM (8: 32 registers, one wave of the largest
+// grid; see the launch for 6).
+// A row group's sum is on all its lanes: the xor butterfly over the warp's groups (offsets 16 .. W) adds
+// them as the host replay block_sum_of_slots does.
+// With kStaged, the counts are staged in dynamic shared memory first (E floats).
+template <class In, ScoreFunction kF, int W, int kMinBlocks, bool kStaged>
+__global__ void __launch_bounds__(kRowThreads, kMinBlocks)
+    aux_logits_kernel(const typename In::storage* __restrict__ x, Counts tpe, int64_t T, int64_t E, LossOut out) {
+  using R = RowGroup<W>;
+  const auto L = R::lanes();
+  extern __shared__ float4 staged_counts[];
+  const auto counts = [&] {
+    if constexpr (kStaged)
+      return stage_weights(tpe, E, reinterpret_cast<float*>(staged_counts));
+    else
+      return tpe;
+  }();
+  float acc = 0.0f;
+  for (int64_t t = R::first(); t < T; t += R::stride())
+    acc = acc + clean_dot<GroupLanes<W>, In>(L, kF, x + t * E, E, counts);
+  for (int off = 16; off >= W; off >>= 1) acc += __shfl_xor_sync(kFullMask, acc, off);
+  finish_loss(combine_warps(acc), out);
+}
+
+template <class In, int W>
+__global__ void __launch_bounds__(kRowThreads)
+    aux_logits_bwd_kernel(ScoreFunction f, const typename In::storage* __restrict__ x, Counts tpe,
+                          const float* __restrict__ buf, const float* __restrict__ g, int64_t T, int64_t E,
+                          typename In::storage* __restrict__ dx) {
+  using R = RowGroup<W>;
+  const auto L = R::lanes();
+  const ScaledCounts dscores{tpe, buf[0] * g[0]};
+  for (int64_t t = R::first(); t < T; t += R::stride())
+    clean_scores_bwd_row<GroupLanes<W>, In>(L, f, x + t * E, E, dscores, dx + t * E);
+}
+
+// ------------------------------------------------- the logits backward's rows
 // The block backward stages its d scores where they and its row copies take at most this much shared
 // memory (bf16 E <= 4096, f32 E <= 2048): past it the block kernel loses occupancy.
 constexpr int64_t kMaxStagedBlockBytes = 32 * 1024;
@@ -380,7 +399,7 @@ __global__ void __launch_bounds__(kRowThreads)
   using Rows = RowGroup<W>;
   const auto L = Rows::lanes();
   extern __shared__ float4 staged[];  // [E] floats
-  const SharedWeights dscores = stage_weights({tpe, buf[0] * g[0]}, E, reinterpret_cast<float*>(staged));
+  const SharedWeights dscores = stage_weights(ScaledCounts{tpe, buf[0] * g[0]}, E, reinterpret_cast<float*>(staged));
   for (int64_t t = Rows::first(); t < T; t += Rows::stride())
     clean_scores_bwd_of<GroupLanes<W>, In>(L, f, RowInRegisters<GroupLanes<W>, In, R>(L, x + t * E, E), dscores,
                                            dx + t * E, true);
@@ -563,21 +582,24 @@ ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBu
       // The plan of aux_loss_row.h: 32 / W row slots a warp.
       const int64_t blocks = sum_blocks(s.tokens, RowGroup<W>::kPerBlock);
       if (auto err = start_loss(stream, blocks, out); !err.success() || blocks == 0) return err;
-      const auto launch = [&]<int kMinBlocks>() {
+      const auto launch = [&]<int kMinBlocks, bool kStaged>() {
         using F = ScoreFunction;
-        auto kernel = s.f == F::kSoftmax   ? aux_logits_kernel<In, F::kSoftmax, W, kMinBlocks>
-                      : s.f == F::kSigmoid ? aux_logits_kernel<In, F::kSigmoid, W, kMinBlocks>
-                                           : aux_logits_kernel<In, F::kSqrtSoftplus, W, kMinBlocks>;
-        kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(static_cast<const S*>(logits.untyped_data()), s.tpe,
-                                                             s.tokens, s.experts, out);
+        auto kernel = s.f == F::kSoftmax   ? aux_logits_kernel<In, F::kSoftmax, W, kMinBlocks, kStaged>
+                      : s.f == F::kSigmoid ? aux_logits_kernel<In, F::kSigmoid, W, kMinBlocks, kStaged>
+                                           : aux_logits_kernel<In, F::kSqrtSoftplus, W, kMinBlocks, kStaged>;
+        const size_t smem = kStaged ? size_t(s.experts) * sizeof(float) : 0;
+        kernel<<<unsigned(blocks), kRowThreads, smem, stream>>>(static_cast<const S*>(logits.untyped_data()),
+                                                                s.tpe, s.tokens, s.experts, out);
         return launch_status("aux loss from logits");
       };
       // 16-bit rows of at most a chunk a lane run at 6 blocks an SM (40 registers): at 8 these kernels
       // spill, which cost them 8-15% on an H100 (E = 64 and 256 bf16); longer rows lose more to the lower
       // occupancy than they gain.
-      if constexpr (sizeof(S) == 2)
-        if (s.experts * int64_t(sizeof(S)) <= 16 * W) return launch.template operator()<6>();
-      return launch.template operator()<8>();
+      if constexpr (sizeof(S) == 2) {
+        if (s.experts * int64_t(sizeof(S)) <= 16 * W) return launch.template operator()<6, false>();
+        if (s.experts * int64_t(sizeof(float)) <= staged_counts_bytes(s.f)) return launch.template operator()<8, true>();
+      }
+      return launch.template operator()<8, false>();
     });
   });
 }

@@ -379,6 +379,20 @@ def test_from_logits_half_precision(rng, score_function, dtype):
   assert_grad_close(grad, want, 1e-2)
 
 
+# 16-bit rows longer than a chunk a lane: the CUDA forward stages the counts in shared memory (up to 16 KB
+# of them, 8 KB for softmax), here with rows that are not all 16-byte aligned and end in a partial chunk,
+# and counts of either dtype.
+@pytest.mark.parametrize("num_experts,dtype,counts_dtype", [(1001, "bf16", "int32"), (2048, "f16", "float32")],
+                         ids=str)
+@pytest.mark.parametrize("score_function", SCORE_FUNCTIONS)
+def test_from_logits_half_precision_long_rows(rng, score_function, num_experts, dtype, counts_dtype):
+  logits = random_logits(rng, (300, num_experts), DTYPES[dtype])
+  tpe = random_counts(rng, num_experts, counts_dtype)
+  kw = dict(topk=8, coeff=COEFF, score_function=score_function)
+  loss = jax_moe.aux_loss_from_logits(logits, tpe, **kw)
+  assert_close(loss, ref.aux_loss_from_logits(logits, tpe, **kw), 1e-5)
+
+
 # Rows too long for registers, with more tokens than the CUDA backward launches blocks (one resident wave,
 # about 800-1100 on an H100), so that blocks take several rows: two row copies in shared memory (8 KB
 # rows), one (16.4 KB), none (rows not made of 16-byte chunks).
