@@ -59,11 +59,16 @@ struct SegmentLanes {
 
   template <class T>
   __device__ T shfl(T v, int seg_lane) const { return __shfl_sync(kFullMask, v, base() + seg_lane); }
+  // A whole warp reduces with one redux.sync (sm_80+), where the shuffle butterfly takes 5 dependent
+  // rounds (the k rounds of candidate_threshold are a chain of these). Not for smaller segments: redux
+  // writes a warp-uniform register, so the compiler loops over the segments.
   __device__ uint32_t max(uint32_t v) const {
+    if constexpr (S == 32) return __reduce_max_sync(kFullMask, v);
     for (int off = S / 2; off; off >>= 1) v = ::max(v, __shfl_xor_sync(kFullMask, v, off));
     return v;
   }
   __device__ uint32_t min(uint32_t v) const {
+    if constexpr (S == 32) return __reduce_min_sync(kFullMask, v);
     for (int off = S / 2; off; off >>= 1) v = ::min(v, __shfl_xor_sync(kFullMask, v, off));
     return v;
   }
