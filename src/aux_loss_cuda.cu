@@ -292,8 +292,8 @@ constexpr int64_t staged_counts_bytes(ScoreFunction f) {
 // One instantiation per score function; kMinBlocks blocks an SM (8: 32 registers, one wave of the largest
 // grid; see the launch for 6).
 // A row group's sum is on all its lanes: the xor butterfly over the warp's groups (offsets 16 .. W) adds
-// them as the host replay block_sum_of_slots does.
-// With kStaged, the counts are staged in dynamic shared memory first (E floats).
+// them as the host replay block_sum_of_slots does. With kStaged the block first stages the counts in
+// dynamic shared memory (E floats; see staged_counts_bytes).
 template <class In, ScoreFunction kF, int W, int kMinBlocks, bool kStaged>
 __global__ void __launch_bounds__(kRowThreads, kMinBlocks)
     aux_logits_kernel(const typename In::storage* __restrict__ x, Counts tpe, int64_t T, int64_t E, LossOut out) {
@@ -399,7 +399,8 @@ __global__ void __launch_bounds__(kRowThreads)
   using Rows = RowGroup<W>;
   const auto L = Rows::lanes();
   extern __shared__ float4 staged[];  // [E] floats
-  const SharedWeights dscores = stage_weights(ScaledCounts{tpe, buf[0] * g[0]}, E, reinterpret_cast<float*>(staged));
+  const SharedWeights dscores =
+      stage_weights(ScaledCounts{tpe, buf[0] * g[0]}, E, reinterpret_cast<float*>(staged));
   for (int64_t t = Rows::first(); t < T; t += Rows::stride())
     clean_scores_bwd_of<GroupLanes<W>, In>(L, f, RowInRegisters<GroupLanes<W>, In, R>(L, x + t * E, E), dscores,
                                            dx + t * E, true);
@@ -597,7 +598,8 @@ ffi::Error aux_logits_fwd(cudaStream_t stream, ffi::AnyBuffer logits, ffi::AnyBu
       // occupancy than they gain.
       if constexpr (sizeof(S) == 2) {
         if (s.experts * int64_t(sizeof(S)) <= 16 * W) return launch.template operator()<6, false>();
-        if (s.experts * int64_t(sizeof(float)) <= staged_counts_bytes(s.f)) return launch.template operator()<8, true>();
+        if (s.experts * int64_t(sizeof(float)) <= staged_counts_bytes(s.f))
+          return launch.template operator()<8, true>();
       }
       return launch.template operator()<8, false>();
     });
