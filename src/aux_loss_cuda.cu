@@ -279,6 +279,15 @@ __device__ SharedWeights stage_weights(const G& g, int64_t E, float* w) {
   return {w};
 }
 
+// g itself, or with kStaged, g staged in w (as stage_weights).
+template <bool kStaged, class G>
+__device__ auto staged_if(const G& g, int64_t E, float* w) {
+  if constexpr (kStaged)
+    return stage_weights(g, E, w);
+  else
+    return g;
+}
+
 // The most shared memory the forward's staged counts take (16-bit rows only). Measured on an H100
 // (T = 16384, against the counts read per chunk): bf16 sigmoid E = 1024-4096 10-16% faster (the kernels
 // no longer spill at 32 registers), sqrtsoftplus within 1%; softmax 7% faster at E = 1024 and 3%
@@ -300,12 +309,7 @@ __global__ void __launch_bounds__(kRowThreads, kMinBlocks)
   using R = RowGroup<W>;
   const auto L = R::lanes();
   extern __shared__ float4 staged_counts[];
-  const auto counts = [&] {
-    if constexpr (kStaged)
-      return stage_weights(tpe, E, reinterpret_cast<float*>(staged_counts));
-    else
-      return tpe;
-  }();
+  const auto counts = staged_if<kStaged>(tpe, E, reinterpret_cast<float*>(staged_counts));
   float acc = 0.0f;
   for (int64_t t = R::first(); t < T; t += R::stride())
     acc = acc + clean_dot<GroupLanes<W>, In>(L, kF, x + t * E, E, counts);
@@ -420,13 +424,8 @@ __global__ void __launch_bounds__(kRowThreads)
   extern __shared__ uint4 row_copy[];
   __shared__ float partials[kRowWarps];
   const BlockLanes L{int(threadIdx.x), partials};
-  const auto dscores = [&] {
-    const ScaledCounts counts{tpe, buf[0] * g[0]};
-    if constexpr (kStaged)
-      return stage_weights(counts, E, reinterpret_cast<float*>(row_copy + kCopies * (E / Row::V)));
-    else
-      return counts;
-  }();
+  const auto dscores = staged_if<kStaged>(ScaledCounts{tpe, buf[0] * g[0]}, E,
+                                          reinterpret_cast<float*>(row_copy + kCopies * (E / Row::V)));
   if constexpr (kCopies == 0) {
     for (int64_t t = blockIdx.x; t < T; t += gridDim.x)
       clean_scores_bwd_row<BlockLanes, In>(L, f, x + t * E, E, dscores, dx + t * E);

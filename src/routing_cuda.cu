@@ -1224,10 +1224,8 @@ ffi::Error aux_scores_segments(cudaStream_t stream, int32_t device, Dtype dtype,
       constexpr size_t smem = segment_smem_bytes<S, V, false>();
       constexpr auto kernel = aux_scores_segment_kernel<In, S, V>;
       const int resident = resident_segment_blocks<kernel>(smem);  // one resident wave at most
-      constexpr int kTokensPerBlock = kWarpsPerBlock * 32 / S;
-      const int64_t blocks =
-          std::min<int64_t>((T + kTokensPerBlock - 1) / kTokensPerBlock, int64_t(resident) * sm_count);
-      kernel<<<unsigned(blocks), kWarpsPerBlock * 32, smem, stream>>>(
+      const unsigned grid = RowGroupOf<S, kWarpsPerBlock>::grid(T, sm_count, resident);  // S lanes a token
+      kernel<<<grid, kWarpsPerBlock * 32, smem, stream>>>(
           f, int(topk), static_cast<const typename In::storage*>(logits), T, int(E), scores, counts);
     });
     return launch_status("aux scores (segment per token)");
