@@ -63,14 +63,20 @@ struct SegmentLanes {
   // rounds (the k rounds of candidate_threshold are a chain of these). Not for smaller segments: redux
   // writes a warp-uniform register, so the compiler loops over the segments.
   __device__ uint32_t max(uint32_t v) const {
-    if constexpr (S == 32) return __reduce_max_sync(kFullMask, v);
-    for (int off = S / 2; off; off >>= 1) v = ::max(v, __shfl_xor_sync(kFullMask, v, off));
-    return v;
+    if constexpr (S == 32) {
+      return __reduce_max_sync(kFullMask, v);
+    } else {
+      for (int off = S / 2; off; off >>= 1) v = ::max(v, __shfl_xor_sync(kFullMask, v, off));
+      return v;
+    }
   }
   __device__ uint32_t min(uint32_t v) const {
-    if constexpr (S == 32) return __reduce_min_sync(kFullMask, v);
-    for (int off = S / 2; off; off >>= 1) v = ::min(v, __shfl_xor_sync(kFullMask, v, off));
-    return v;
+    if constexpr (S == 32) {
+      return __reduce_min_sync(kFullMask, v);
+    } else {
+      for (int off = S / 2; off; off >>= 1) v = ::min(v, __shfl_xor_sync(kFullMask, v, off));
+      return v;
+    }
   }
   __device__ float fmax(float v) const {
     for (int off = S / 2; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));

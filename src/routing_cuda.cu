@@ -57,9 +57,9 @@ constexpr int kMaxSegmentTopk = 32;
 enum class Spread { kRun, kInterleaved };
 
 template <Spread P, int S, int V>
-__device__ int expert_at(int sl, int i) {
-  if constexpr (P == Spread::kRun) return sl * V + i;
-  else return (i / 4 * S + sl) * 4 + i % 4;
+__device__ int expert_at(int sl, unsigned i) {  // unsigned: i / 4 and i % 4 are shifts and masks
+  if constexpr (P == Spread::kRun) return sl * V + int(i);
+  else return int((i / 4 * S + sl) * 4 + i % 4);
 }
 
 // A candidate of segment_topk as one 64-bit number that is larger where the candidate ranks first:
@@ -84,7 +84,7 @@ struct SegmentScratch {
   alignas(16) uint64_t cand[32 / S][kCandRow];
   int32_t pick[32 / S][kMaxSegmentTopk + 1];  // expert of rank j
 
-  __device__ uint32_t key_at(int lane, int i) const {
+  __device__ uint32_t key_at(int lane, unsigned i) const {  // unsigned: see expert_at
     return reinterpret_cast<const uint32_t*>(&key[i / 4][lane])[i % 4];
   }
   __device__ float score_at(int lane, int i) const {
@@ -304,7 +304,7 @@ __device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&k
 
   uint64_t* cand = s.cand[seg];
   for (int slot = first; mask; mask &= mask - 1, ++slot) {
-    const int i = __ffs(mask) - 1;
+    const unsigned i = __ffs(mask) - 1;
     cand[slot] = packed_cand(s.key_at(g.lane, i), expert_at<P, S, V>(g.sl, i));
   }
   const int padded = (total + 3) & ~3;
@@ -350,13 +350,14 @@ __device__ GroupChoice choose_group(const SegmentLanes<S>& g, const RouteConfig&
   }
   const float total = c.group_score_topn == 1 ? key_value(t1) : key_value(t1) + key_value(t2);
   const uint32_t mine = rank_key(total);
-  const int groups = S / lpg, group = g.sl / lpg;
+  const int shift = __ffs(lpg) - 1;  // lpg divides S, a power of two: shifts, where / took ~36 instructions
+  const int groups = S >> shift, group = g.sl >> shift;
   int rank = 0;
 #pragma unroll
   for (int o = 1; o < S; ++o) {  // unrolled up to the largest group count; groups is warp-uniform
     if (o >= groups) break;
     const int other = (group + o) & (groups - 1);
-    rank += ranks_before(g.shfl(mine, other * lpg), other, mine, group);
+    rank += ranks_before(g.shfl(mine, other << shift), other, mine, group);
   }
   return {rank < c.group_topk, t2};
 }
@@ -367,7 +368,7 @@ __device__ GroupChoice choose_group(const SegmentLanes<S>& g, const RouteConfig&
 template <int S, int V>
 __device__ uint32_t route_threshold(const SegmentLanes<S>& g, const RouteConfig& c, int lpg,
                                     const uint32_t (&key)[V], GroupChoice group) {
-  if (lpg && 2 * c.group_topk >= c.topk && c.group_size() >= 2)
+  if (lpg && 2 * c.group_topk >= c.topk && c.num_experts >= 2 * c.num_groups)  // groups of 2 or more: no division
     return max(g.min(group.kept ? group.second : 0xffffffffu), kExcluded + 1);
   return candidate_threshold<S, V>(g, int(c.topk), key, group.kept);
 }
@@ -453,13 +454,14 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
   const int topk = int(c.topk);
   int e[P];
   float v[P];
+  with_carry(k, [&]<Carry K>() {  // around the picks: per pick, the compiler computed every carry, predicated
 #pragma unroll
-  for (int p = 0; p < P; ++p) {
-    const int j = g.sl + p * S;
-    e[p] = j < topk ? pick[j] : 0;
-    v[p] = 0.0f;
-    if (j < topk) with_carry(k, [&]<Carry K>() { v[p] = carried<K>(In::to_float(row[e[p]]), mx, inv_sum); });
-  }
+    for (int p = 0; p < P; ++p) {
+      const int j = g.sl + p * S;
+      e[p] = j < topk ? pick[j] : 0;
+      v[p] = j < topk ? carried<K>(In::to_float(row[e[p]]), mx, inv_sum) : 0.0f;
+    }
+  });
   float w[P], total = 0.0f;
   if (c.softmax_post()) {
     float m = -INFINITY;
@@ -549,6 +551,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
   const int E = int(c.num_experts);
   const int warp = threadIdx.x / 32;
   const SegmentLanes<S> g(threadIdx.x & 31);
+  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kTokensPerWarp;
+  const int64_t first = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * kTokensPerWarp;
   for (int e = threadIdx.x; e < kPad; e += blockDim.x) {
     sbias[bias_slot<S, V>(e)] = e < E ? bias(e) + 0.0f : 0.0f;  // once per block; never -0.0 (rank_key_no_neg_zero)
     if constexpr (kAux) counts[e] = 0;
@@ -558,8 +562,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     for (int j = 0; j < WarpColumnSums<S, V>::kOwned; ++j) column_sums[warp].sums[j][g.lane] = 0.0f;
   __syncthreads();
   SegmentScratch<S, V>& s = scratch[warp];
-  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kTokensPerWarp;
-  for (int64_t t0 = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * kTokensPerWarp; t0 < T; t0 += stride) {
+  for (int64_t t0 = first; t0 < T; t0 += stride) {
     const int64_t t = t0 + g.segment();
     const bool valid = t < T;
     const int64_t row = valid ? t : T - 1;
