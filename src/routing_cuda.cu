@@ -485,53 +485,12 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
   }
 }
 
-// Where a lane's bias comes from, 4 experts at a time: the block's copy in shared memory (see bias_slot), or
-// global memory (GlobalBias). request() is called before the row is loaded.
-template <int S>
-struct SharedBias {
-  const float4* lane;  // the lane's first piece
-  __device__ void request() {}
-  __device__ float4 operator()(int c4) const { return lane[c4 * S]; }
-};
-
-// A lane's V <= 8 biases read from global memory with its row, for warps of one token (small T): staging them
-// in shared memory cost a trip to memory and a __syncthreads before any row was requested. request() loads
-// them as stored, without branches (a dtype switch there kept the loads behind the scores), so that they go
-// out with the row's; operator() converts them.
-template <int V>
-struct GlobalBias {
-  BiasLoader bias;
-  int e0, E;  // the lane's first expert; experts past E get 0
-  uint32_t bits[V];
-
-  __device__ void request() {
-    const bool wide = bias.dtype == Dtype::kF32;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const bool ok = bias.data && e0 + i < E;
-      bits[i] = 0;  // 0.0 in every dtype
-      if (ok && wide) bits[i] = __ldg(static_cast<const uint32_t*>(bias.data) + e0 + i);
-      if (ok && !wide) bits[i] = __ldg(static_cast<const uint16_t*>(bias.data) + e0 + i);
-    }
-  }
-  __device__ float at(int i) const {
-    const float f = bias.dtype == Dtype::kF32    ? bits_float(bits[i])
-                    : bias.dtype == Dtype::kBF16 ? bf16_to_float(uint16_t(bits[i]))
-                                                 : f16_to_float(uint16_t(bits[i]));
-    return f + 0.0f;  // never -0.0, as staged
-  }
-  __device__ float4 operator()(int c4) const {
-    return make_float4(at(4 * c4), at(4 * c4 + 1), at(4 * c4 + 2), at(4 * c4 + 3));
-  }
-};
-
-template <class In, int S, int V, bool kAux, class Bias>
+template <class In, int S, int V, bool kAux>
 __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig& c, const AuxConfig& a, int lpg,
-                                    const typename In::storage* row, bool valid, Bias bias,
+                                    const typename In::storage* row, bool valid, const float4* bias,
                                     SegmentScratch<S, V>& s, WarpColumnSums<S, V>* cs, int* counts, float* w_out,
                                     int32_t* idx_out) {
   const int E = int(c.num_experts);
-  bias.request();
   float x[V];
   load_segment_row<In, S, V>(g, row, E, x);
   if constexpr (kAux) {
@@ -556,7 +515,7 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
   uint32_t key[V];
 #pragma unroll
   for (int c4 = 0; c4 < V / 4; ++c4) {
-    const float4 b = bias(c4);
+    const float4 b = bias[c4 * S];
     key[4 * c4] = rank_key_no_neg_zero(val[4 * c4] + b.x);
     key[4 * c4 + 1] = rank_key_no_neg_zero(val[4 * c4 + 1] + b.y);
     key[4 * c4 + 2] = rank_key_no_neg_zero(val[4 * c4 + 2] + b.z);
@@ -584,8 +543,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_segment_kernel(RouteConfig c, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
                          int lpg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
   constexpr int kPad = S * V, kTokensPerWarp = 32 / S;
-  // Warps of one token each (small T) with at most 8 experts a lane read the bias with the row (GlobalBias).
-  constexpr bool kGlobalBias = S == 32 && V <= 8;
   extern __shared__ __align__(16) float smem[];
   float* sbias = smem;
   int* counts = reinterpret_cast<int*>(smem + kPad);
@@ -597,8 +554,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
   const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kTokensPerWarp;
   const int64_t first = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * kTokensPerWarp;
   for (int e = threadIdx.x; e < kPad; e += blockDim.x) {
-    if constexpr (!kGlobalBias)
-      sbias[bias_slot<S, V>(e)] = e < E ? bias(e) + 0.0f : 0.0f;  // once per block; never -0.0 (rank_key_no_neg_zero)
+    sbias[bias_slot<S, V>(e)] = e < E ? bias(e) + 0.0f : 0.0f;  // once per block; never -0.0 (rank_key_no_neg_zero)
     if constexpr (kAux) counts[e] = 0;
   }
   if constexpr (kAux)
@@ -610,12 +566,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     const int64_t t = t0 + g.segment();
     const bool valid = t < T;
     const int64_t row = valid ? t : T - 1;
-    const auto lane_bias = [&] {
-      if constexpr (kGlobalBias) return GlobalBias<V>{bias, g.sl * V, E, {}};
-      else return SharedBias<S>{reinterpret_cast<const float4*>(sbias) + g.sl};
-    }();
-    route_token_segment<In, S, V, kAux>(g, c, aux.cfg, lpg, x + row * E, valid, lane_bias, s, column_sums + warp,
-                                        counts, w + row * c.topk, idx + row * c.topk);
+    route_token_segment<In, S, V, kAux>(g, c, aux.cfg, lpg, x + row * E, valid,
+                                        reinterpret_cast<const float4*>(sbias) + g.sl, s, column_sums + warp, counts,
+                                        w + row * c.topk, idx + row * c.topk);
   }
   if constexpr (kAux) {
     __syncthreads();
