@@ -192,11 +192,21 @@ MOE_HD void with_elementwise_function(ScoreFunction f, Fn&& fn) {
 constexpr uint32_t kExcluded = 0;
 constexpr uint32_t kNanKey = 1;
 
+// rank_key_no_neg_zero without its NaN test, for kernels that test a whole row for NaN at once: a NaN
+// maps outside [key(-inf), key(+inf)], and repair_nan_key sends such a key to kNanKey.
+MOE_HD uint32_t rank_key_unless_nan(float v) {
+  const uint32_t u = float_bits(v);
+  return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);  // negative: every bit, else the sign
+}
+
+MOE_HD uint32_t repair_nan_key(uint32_t key) {
+  constexpr uint32_t kMinusInf = 0x007fffffu, kPlusInf = 0xff800000u;
+  return key - kMinusInf > kPlusInf - kMinusInf ? kNanKey : key;
+}
+
 // rank_key of a v that is not -0.0 (a sum with an addend other than -0.0 never is).
 MOE_HD uint32_t rank_key_no_neg_zero(float v) {
-  const uint32_t u = float_bits(v);
-  const uint32_t flip = uint32_t(int32_t(u) >> 31) | 0x80000000u;  // negative: every bit, else the sign
-  return v != v ? kNanKey : u ^ flip;                              // branch-free: kernels call it per expert
+  return v != v ? kNanKey : rank_key_unless_nan(v);  // branch-free: kernels call it per expert
 }
 
 MOE_HD uint32_t rank_key(float v) { return rank_key_no_neg_zero(v + 0.0f); }  // -0.0 + 0.0 = +0.0: they tie

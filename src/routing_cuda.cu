@@ -67,6 +67,25 @@ __device__ int expert_at(int sl, unsigned i) {  // unsigned: i / 4 and i % 4 are
 __device__ uint64_t packed_cand(uint32_t key, int expert) { return (uint64_t(key) << 32) | uint32_t(~expert); }
 __device__ int packed_expert(uint64_t c) { return int(~uint32_t(c)); }
 
+// The selection ranks keys (rank_key: any value, excluded slots) or, for rows without NaN, -0.0 or
+// padding, the float values themselves: the same order, without a key per element (only the candidates
+// take keys, to be sorted). Elem is uint32_t (a key) or float.
+__device__ uint32_t elem_max(uint32_t a, uint32_t b) { return max(a, b); }
+__device__ uint32_t elem_min(uint32_t a, uint32_t b) { return min(a, b); }
+__device__ float elem_max(float a, float b) { return fmaxf(a, b); }
+__device__ float elem_min(float a, float b) { return fminf(a, b); }
+__device__ float elem_value(uint32_t key) { return key_value(key); }
+__device__ float elem_value(float v) { return v; }
+__device__ uint32_t elem_bits(uint32_t key) { return key; }
+__device__ uint32_t elem_bits(float v) { return __float_as_uint(v); }
+__device__ uint32_t elem_key(uint32_t key) { return key; }
+__device__ uint32_t elem_key(float v) { return rank_key_no_neg_zero(v); }
+template <class Elem>
+__device__ Elem elem_lowest() {
+  if constexpr (std::is_same_v<Elem, float>) return -INFINITY;
+  else return kExcluded;
+}
+
 // Candidate rows hold kMaxSegmentTopk candidates, then zeros (which rank after every candidate) up to a
 // multiple of 4, read 4 at a time; 36 entries put the segments' rows on different banks.
 constexpr int kCandRow = kMaxSegmentTopk + 4;
@@ -196,6 +215,15 @@ __device__ void load_segment_row(const SegmentLanes<S>& g, const typename In::st
   for (int i = 0; i < V; ++i) x[i] = e0 + i < E ? In::to_float(row[e0 + i]) : -INFINITY;
 }
 
+// Keys made by rank_key_unless_nan are exact unless some lane of the warp saw a NaN: testing each value costs
+// one instruction where rank_key's test costs two, and the repair runs only for warps with a NaN row.
+template <int V>
+__device__ void repair_nan_keys(bool nan, uint32_t (&key)[V]) {
+  if (!__any_sync(kFullMask, nan)) return;
+#pragma unroll
+  for (int i = 0; i < V; ++i) key[i] = repair_nan_key(key[i]);
+}
+
 template <int S, int V, Spread P = Spread::kRun>
 __device__ void exclude_padding(const SegmentLanes<S>& g, int E, uint32_t (&key)[V]) {
   if (E == S * V) return;
@@ -285,27 +313,36 @@ __device__ void sort_candidates(const SegmentLanes<S>& g, int total, int k, cons
     if (r * S + g.sl < k) pick[r * S + g.sl] = packed_expert(v[r]);
 }
 
-// Writes the experts of the segment's k best keys, in rank order, to s.pick[segment][0, k), given
-// tau <= the k-th best key. alive = false: this lane's keys do not take part (its group was dropped).
-template <int S, int V, Spread P = Spread::kRun>
-__device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&key)[V], bool alive, uint32_t tau,
+// Writes the experts of the segment's k best elements (keys or floats, see elem_key), in rank order, to
+// s.pick[segment][0, k), given tau <= the k-th best. alive = false: this lane's elements do not take part
+// (its group was dropped).
+template <int S, int V, Spread P = Spread::kRun, class Elem>
+__device__ void segment_topk(const SegmentLanes<S>& g, int k, const Elem (&val)[V], bool alive, Elem tau,
                              SegmentScratch<S, V>& s) {
   const int seg = g.segment();
 #pragma unroll
   for (int c = 0; c < V / 4; ++c)  // read back by index below
-    s.key[c][g.lane] = make_uint4(key[4 * c], key[4 * c + 1], key[4 * c + 2], key[4 * c + 3]);
+    s.key[c][g.lane] = make_uint4(elem_bits(val[4 * c]), elem_bits(val[4 * c + 1]), elem_bits(val[4 * c + 2]),
+                                  elem_bits(val[4 * c + 3]));
   uint32_t mask = 0;
 #pragma unroll
   for (int i = 0; i < V; ++i)
-    if (alive && key[i] >= tau) mask |= 1u << i;
+    if (alive && val[i] >= tau) mask |= 1u << i;
   const int count = __popc(mask), first = g.exclusive_sum(count);
   const int total = g.shfl(first + count, S - 1);
-  if (__any_sync(kFullMask, total > kMaxSegmentTopk)) return topk_by_rounds<S, V, P>(g, k, key, alive, s.pick[seg]);
+  if (__any_sync(kFullMask, total > kMaxSegmentTopk)) {
+    uint32_t key[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) key[i] = elem_key(val[i]);
+    return topk_by_rounds<S, V, P>(g, k, key, alive, s.pick[seg]);
+  }
 
   uint64_t* cand = s.cand[seg];
   for (int slot = first; mask; mask &= mask - 1, ++slot) {
     const unsigned i = __ffs(mask) - 1;
-    cand[slot] = packed_cand(s.key_at(g.lane, i), expert_at<P, S, V>(g.sl, i));
+    const uint32_t bits = s.key_at(g.lane, i);
+    const uint32_t key = std::is_same_v<Elem, float> ? elem_key(__uint_as_float(bits)) : bits;
+    cand[slot] = packed_cand(key, expert_at<P, S, V>(g.sl, i));
   }
   const int padded = (total + 3) & ~3;
   if (total + g.sl < padded) cand[total + g.sl] = 0;
@@ -330,25 +367,26 @@ __device__ void segment_topk(const SegmentLanes<S>& g, int k, const uint32_t (&k
   __syncwarp();
 }
 
+template <class Elem>
 struct GroupChoice {
-  bool kept;        // among the group_topk best
-  uint32_t second;  // the group's second-best key
+  bool kept;    // among the group_topk best
+  Elem second;  // the group's second-best element
 };
 
 // Group selection (SPEC §1 step 3) for this lane's group. Groups are runs of lpg lanes, scored by
-// the sum of their group_score_topn (1 or 2) best keys' values.
-template <int S, int V>
-__device__ GroupChoice choose_group(const SegmentLanes<S>& g, const RouteConfig& c, int lpg,
-                                    const uint32_t (&key)[V]) {
-  uint32_t t1 = kExcluded, t2 = kExcluded;  // this lane's two best keys
+// the sum of their group_score_topn (1 or 2) best elements' values.
+template <int S, int V, class Elem>
+__device__ GroupChoice<Elem> choose_group(const SegmentLanes<S>& g, const RouteConfig& c, int lpg,
+                                          const Elem (&val)[V]) {
+  Elem t1 = elem_lowest<Elem>(), t2 = t1;  // this lane's two best
 #pragma unroll
-  for (int i = 0; i < V; ++i) t2 = max(t2, min(t1, key[i])), t1 = max(t1, key[i]);
+  for (int i = 0; i < V; ++i) t2 = elem_max(t2, elem_min(t1, val[i])), t1 = elem_max(t1, val[i]);
   for (int off = 1; off < lpg; off <<= 1) {  // merge the group's lanes
-    const uint32_t o1 = __shfl_xor_sync(kFullMask, t1, off), o2 = __shfl_xor_sync(kFullMask, t2, off);
-    t2 = max(min(t1, o1), max(t2, o2));
-    t1 = max(t1, o1);
+    const Elem o1 = __shfl_xor_sync(kFullMask, t1, off), o2 = __shfl_xor_sync(kFullMask, t2, off);
+    t2 = elem_max(elem_min(t1, o1), elem_max(t2, o2));
+    t1 = elem_max(t1, o1);
   }
-  const float total = c.group_score_topn == 1 ? key_value(t1) : key_value(t1) + key_value(t2);
+  const float total = c.group_score_topn == 1 ? elem_value(t1) : elem_value(t1) + elem_value(t2);
   const uint32_t mine = rank_key(total);
   const int shift = __ffs(lpg) - 1;  // lpg divides S, a power of two: shifts, where / took ~36 instructions
   const int groups = S >> shift, group = g.sl >> shift;
@@ -362,14 +400,17 @@ __device__ GroupChoice choose_group(const SegmentLanes<S>& g, const RouteConfig&
   return {rank < c.group_topk, t2};
 }
 
-// A threshold for segment_topk. Every kept group has two keys >= its second best, so where
-// 2 * group_topk >= k the smallest second best of the kept groups is one; it costs one reduction
-// where the chunk maxima take k.
+// Where 2 * group_topk >= k, the smallest second best of the kept groups is a threshold for
+// segment_topk (every kept group has two elements that reach its second best): one reduction, where
+// the chunk maxima take k. Groups of 2 or more, tested without a division.
+__device__ bool second_best_threshold(const RouteConfig& c, int lpg) {
+  return lpg && 2 * c.group_topk >= c.topk && c.num_experts >= 2 * c.num_groups;
+}
+
 template <int S, int V>
 __device__ uint32_t route_threshold(const SegmentLanes<S>& g, const RouteConfig& c, int lpg,
-                                    const uint32_t (&key)[V], GroupChoice group) {
-  if (lpg && 2 * c.group_topk >= c.topk && c.num_experts >= 2 * c.num_groups)  // groups of 2 or more: no division
-    return max(g.min(group.kept ? group.second : 0xffffffffu), kExcluded + 1);
+                                    const uint32_t (&key)[V], GroupChoice<uint32_t> group) {
+  if (second_best_threshold(c, lpg)) return max(g.min(group.kept ? group.second : 0xffffffffu), kExcluded + 1);
   return candidate_threshold<S, V>(g, int(c.topk), key, group.kept);
 }
 
@@ -425,8 +466,14 @@ template <int S, int V, Spread P>
 __device__ void count_clean_topk(const SegmentLanes<S>& g, int k, const float (&num)[V], float inv_denom, int E,
                                  bool valid, SegmentScratch<S, V>& s, int* counts) {
   uint32_t key[V];
+  bool nan = false;
 #pragma unroll
-  for (int i = 0; i < V; ++i) key[i] = rank_key(num[i] * inv_denom);
+  for (int i = 0; i < V; ++i) {
+    const float score = num[i] * inv_denom;  // never -0.0: num >= +0.0 and inv_denom > 0, unless NaN
+    nan |= score != score;
+    key[i] = rank_key_unless_nan(score);
+  }
+  repair_nan_keys<V>(nan, key);
   exclude_padding<S, V, P>(g, E, key);
   segment_topk<S, V, P>(g, k, key, true, candidate_threshold<S, V>(g, k, key, true), s);
   if (valid)
@@ -446,11 +493,10 @@ __device__ void aux_token_segment(const SegmentLanes<S>& g, const AuxConfig& a, 
 }
 
 // Weights of the chosen experts from their logits, written by the segment's lanes in rank order.
-template <class In, int S>
-__device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Carry k,
-                              const typename In::storage* row, float mx, float inv_sum, const int32_t* pick,
-                              bool valid, float* w_out, int32_t* idx_out) {
-  constexpr int P = kMaxSegmentTopk / S;  // picks per lane
+template <class In, int S, int P>
+__device__ void write_routing_picks(const SegmentLanes<S>& g, const RouteConfig& c, Carry k,
+                                    const typename In::storage* row, float mx, float inv_sum, const int32_t* pick,
+                                    bool valid, float* w_out, int32_t* idx_out) {
   const int topk = int(c.topk);
   int e[P];
   float v[P];
@@ -485,6 +531,42 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
   }
 }
 
+// P picks a lane cover k <= P * S; the unrolled work of picks past k is predicated off but still issued,
+// so k <= S (DeepSeek-V3 with 8 lanes a token) takes its own one-pick code.
+template <class In, int S>
+__device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Carry k,
+                              const typename In::storage* row, float mx, float inv_sum, const int32_t* pick,
+                              bool valid, float* w_out, int32_t* idx_out) {
+  if (S < kMaxSegmentTopk && c.topk <= S)
+    return write_routing_picks<In, S, 1>(g, c, k, row, mx, inv_sum, pick, valid, w_out, idx_out);
+  write_routing_picks<In, S, kMaxSegmentTopk / S>(g, c, k, row, mx, inv_sum, pick, valid, w_out, idx_out);
+}
+
+// The selection of a grouped row on its float values (elem_key), keys made for the candidates only: for
+// DeepSeek-V3 at many tokens (8 lanes a token) T = 16384 11.84 -> 11.25 us, T = 65536 38.8 -> 34.6.
+// Returns false, having done nothing, where it does not apply: rows with padding or a NaN (a NaN key ranks
+// below -inf, which no float does), thresholds other than the second best, and two kernels where the path's
+// code costs more than it saves: the aux variant spills more (its kernel 23.1 -> 23.8 us at T = 16384), and
+// a whole warp a token runs a single token's chain at small T, where the added code was slower (T = 64 3.15
+// -> 3.23 us, softmax E = 128 2.88 -> 2.98).
+template <int S, int V, bool kAux>
+__device__ bool select_on_floats(const SegmentLanes<S>& g, const RouteConfig& c, int lpg, int E,
+                                 const float (&sel)[V], SegmentScratch<S, V>& s) {
+  if constexpr (kAux || S == 32) {
+    return false;
+  } else {
+    if (E != S * V || !second_best_threshold(c, lpg)) return false;
+    bool nan = false;
+#pragma unroll
+    for (int i = 0; i < V; ++i) nan |= sel[i] != sel[i];  // two values an instruction (FSETP.NAN.OR)
+    if (__any_sync(kFullMask, nan)) return false;
+    const GroupChoice<float> group = choose_group<S, V>(g, c, lpg, sel);
+    const uint32_t least_second = g.min(group.kept ? rank_key_no_neg_zero(group.second) : 0xffffffffu);
+    segment_topk<S, V>(g, int(c.topk), sel, group.kept, key_value(least_second), s);
+    return true;
+  }
+}
+
 template <class In, int S, int V, bool kAux>
 __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig& c, const AuxConfig& a, int lpg,
                                     const typename In::storage* row, bool valid, const float4* bias,
@@ -512,18 +594,22 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
   }
   float val[V];
   carried_row<V>(k, x, mx, inv_sum, val);
-  uint32_t key[V];
+  float sel[V];  // what the selection ranks; the bias is never -0.0, so neither is a sum
 #pragma unroll
   for (int c4 = 0; c4 < V / 4; ++c4) {
     const float4 b = bias[c4 * S];
-    key[4 * c4] = rank_key_no_neg_zero(val[4 * c4] + b.x);
-    key[4 * c4 + 1] = rank_key_no_neg_zero(val[4 * c4 + 1] + b.y);
-    key[4 * c4 + 2] = rank_key_no_neg_zero(val[4 * c4 + 2] + b.z);
-    key[4 * c4 + 3] = rank_key_no_neg_zero(val[4 * c4 + 3] + b.w);
+    sel[4 * c4] = val[4 * c4] + b.x, sel[4 * c4 + 1] = val[4 * c4 + 1] + b.y;
+    sel[4 * c4 + 2] = val[4 * c4 + 2] + b.z, sel[4 * c4 + 3] = val[4 * c4 + 3] + b.w;
   }
-  exclude_padding<S, V>(g, E, key);
-  const GroupChoice group = lpg ? choose_group<S, V>(g, c, lpg, key) : GroupChoice{true, kExcluded};
-  segment_topk<S, V>(g, int(c.topk), key, group.kept, route_threshold<S, V>(g, c, lpg, key, group), s);
+  if (!select_on_floats<S, V, kAux>(g, c, lpg, E, sel, s)) {
+    uint32_t key[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) key[i] = rank_key_no_neg_zero(sel[i]);
+    exclude_padding<S, V>(g, E, key);
+    const GroupChoice<uint32_t> group =
+        lpg ? choose_group<S, V>(g, c, lpg, key) : GroupChoice<uint32_t>{true, kExcluded};
+    segment_topk<S, V>(g, int(c.topk), key, group.kept, route_threshold<S, V>(g, c, lpg, key, group), s);
+  }
   write_routing<In, S>(g, c, k, row, mx, inv_sum, s.pick[g.segment()], valid, w_out, idx_out);
 }
 
