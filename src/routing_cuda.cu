@@ -532,27 +532,28 @@ __device__ void write_routing_picks(const SegmentLanes<S>& g, const RouteConfig&
 }
 
 // P picks a lane cover k <= P * S; the unrolled work of picks past k is predicated off but still issued,
-// so k <= S (DeepSeek-V3 with 8 lanes a token) takes its own one-pick code.
+// so k <= S (DeepSeek-V3 with 8 lanes a token) takes its own one-pick code: T = 16384 bf16 11.46 -> 11.25
+// us. Not for float32 rows, whose kernels then spill (none without it).
 template <class In, int S>
 __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Carry k,
                               const typename In::storage* row, float mx, float inv_sum, const int32_t* pick,
                               bool valid, float* w_out, int32_t* idx_out) {
-  if (S < kMaxSegmentTopk && c.topk <= S)
+  if (S < kMaxSegmentTopk && sizeof(typename In::storage) == 2 && c.topk <= S)
     return write_routing_picks<In, S, 1>(g, c, k, row, mx, inv_sum, pick, valid, w_out, idx_out);
   write_routing_picks<In, S, kMaxSegmentTopk / S>(g, c, k, row, mx, inv_sum, pick, valid, w_out, idx_out);
 }
 
 // The selection of a grouped row on its float values (elem_key), keys made for the candidates only: for
-// DeepSeek-V3 at many tokens (8 lanes a token) T = 16384 11.84 -> 11.25 us, T = 65536 38.8 -> 34.6.
+// DeepSeek-V3 bf16 at many tokens (8 lanes a token) T = 16384 11.84 -> 11.2 us, T = 65536 38.8 -> 33.8.
 // Returns false, having done nothing, where it does not apply: rows with padding or a NaN (a NaN key ranks
-// below -inf, which no float does), thresholds other than the second best, and two kernels where the path's
-// code costs more than it saves: the aux variant spills more (its kernel 23.1 -> 23.8 us at T = 16384), and
-// a whole warp a token runs a single token's chain at small T, where the added code was slower (T = 64 3.15
-// -> 3.23 us, softmax E = 128 2.88 -> 2.98).
-template <int S, int V, bool kAux>
+// below -inf, which no float does), thresholds other than the second best, and kernels where the path's
+// code costs more than it saves. The aux variant and float32 rows then spill (the aux kernel 23.1 -> 23.8
+// us at T = 16384; f32 T = 65536 43.4 -> 45.0), and a whole warp a token runs a single token's chain at
+// small T, where the added code was slower (T = 64 3.15 -> 3.23 us, softmax E = 128 2.88 -> 2.98).
+template <class In, int S, int V, bool kAux>
 __device__ bool select_on_floats(const SegmentLanes<S>& g, const RouteConfig& c, int lpg, int E,
                                  const float (&sel)[V], SegmentScratch<S, V>& s) {
-  if constexpr (kAux || S == 32) {
+  if constexpr (kAux || S == 32 || sizeof(typename In::storage) != 2) {
     return false;
   } else {
     if (E != S * V || !second_best_threshold(c, lpg)) return false;
@@ -601,7 +602,7 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
     sel[4 * c4] = val[4 * c4] + b.x, sel[4 * c4 + 1] = val[4 * c4 + 1] + b.y;
     sel[4 * c4 + 2] = val[4 * c4 + 2] + b.z, sel[4 * c4 + 3] = val[4 * c4 + 3] + b.w;
   }
-  if (!select_on_floats<S, V, kAux>(g, c, lpg, E, sel, s)) {
+  if (!select_on_floats<In, S, V, kAux>(g, c, lpg, E, sel, s)) {
     uint32_t key[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) key[i] = rank_key_no_neg_zero(sel[i]);

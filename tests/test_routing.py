@@ -273,11 +273,25 @@ def test_many_tokens_softmax(rng, mode):
   check_route(random_logits(rng, (MANY_TOKENS, 128)), 8, **MODES[mode])
 
 
+# 16-bit rows of DeepSeek-V3's shape (groups, 2 * group_topk >= k, no padding) select on float values there,
+# rows with a NaN on keys: ties, NaN and infinities must come out as SPEC §1.4 orders them either way.
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_many_tokens_exact_ties_with_groups(rng, mode):
-  logits = tied_logits(rng, (MANY_TOKENS, 64))
+def test_many_tokens_exact_ties_with_groups(rng, mode, dtype):
+  logits = tied_logits(rng, (MANY_TOKENS, 64), DTYPES[dtype])
   assert_has_ties_at_the_cut(logits, 6)
   check_route(logits, 6, num_groups=8, group_topk=3, **MODES[mode])
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_many_tokens_nan_and_inf_rows_with_groups(rng, mode, dtype):
+  logits = np.asarray(random_logits(rng, (MANY_TOKENS, 64)), np.float64)
+  special = non_finite_rows(rng, 64)
+  rows = rng.choice(MANY_TOKENS, 40, replace=False)  # most warps of 4 tokens see no NaN
+  logits[rows] = special[np.arange(40) % len(special)]
+  check_route(jnp.asarray(logits, DTYPES[dtype]), 8, expert_bias=random_bias(rng, 64, mode), num_groups=8,
+              group_topk=4, **MODES[mode])
 
 
 @pytest.mark.parametrize("grouped", [False, True])
