@@ -328,8 +328,14 @@ __device__ void segment_topk(const SegmentLanes<S>& g, int k, const Elem (&val)[
 #pragma unroll
   for (int i = 0; i < V; ++i)
     if (alive && val[i] >= tau) mask |= 1u << i;
-  const int count = __popc(mask), first = g.exclusive_sum(count);
-  const int total = g.shfl(first + count, S - 1);
+  const int count = __popc(mask);
+  int first, total;
+  if constexpr (S == 32 && V < 16) {
+    first = g.template exclusive_sum_by_ballots<V>(count, total);
+  } else {
+    first = g.exclusive_sum(count);
+    total = g.shfl(first + count, S - 1);
+  }
   if (__any_sync(kFullMask, total > kMaxSegmentTopk)) {
     uint32_t key[V];
 #pragma unroll
