@@ -550,7 +550,7 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
 }
 
 // The selection of a grouped row on its float values (elem_key), keys made for the candidates only: for
-// DeepSeek-V3 bf16 at many tokens (8 lanes a token) T = 16384 11.84 -> 11.2 us, T = 65536 38.8 -> 33.8.
+// DeepSeek-V3 bf16 at many tokens (8 lanes a token) T = 16384 11.87 -> 11.2 us, T = 65536 38.8 -> 34.3.
 // Returns false, having done nothing, where it does not apply: rows with padding or a NaN (a NaN key ranks
 // below -inf, which no float does), thresholds other than the second best, and kernels where the path's
 // code costs more than it saves. The aux variant and float32 rows then spill (the aux kernel 23.1 -> 23.8
