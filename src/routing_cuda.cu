@@ -6,6 +6,7 @@
 //    groups that are runs of whole lanes (DeepSeek-V3: 8 lanes of 32 experts, one group each); a
 //    warp routes 32 / S tokens at once, every lane holding V experts in registers;
 //  * otherwise the shared row algorithm of routing_row.h, a warp per token on shared memory.
+// DeepSeek-V3's exact config has segment kernels of its own, compiled with it as constants (kDeepSeekV3Config).
 // aux_loss_scores' forward also takes the segment path where that is faster (segment_scores_cuda.h).
 // The fused aux variant also accumulates clean-score column sums and top-k counts per block into a
 // workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
@@ -553,13 +554,14 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
 // DeepSeek-V3 bf16 at many tokens (8 lanes a token) T = 16384 11.87 -> 11.2 us, T = 65536 38.8 -> 34.3.
 // Returns false, having done nothing, where it does not apply: rows with padding or a NaN (a NaN key ranks
 // below -inf, which no float does), thresholds other than the second best, and kernels where the path's
-// code costs more than it saves. The aux variant and float32 rows then spill (the aux kernel 23.1 -> 23.8
-// us at T = 16384; f32 T = 65536 43.4 -> 45.0), and a whole warp a token runs a single token's chain at
-// small T, where the added code was slower (T = 64 3.15 -> 3.23 us, softmax E = 128 2.88 -> 2.98).
-template <class In, int S, int V, bool kAux>
+// code costs more than it saves. The aux variant of a runtime config and float32 rows then spill (the aux
+// kernel 23.1 -> 23.8 us at T = 16384; f32 T = 65536 43.4 -> 45.0); the DeepSeek-V3 aux kernel spills less
+// with it (16 bytes of stores against 60, bf16). A whole warp a token runs a single token's chain at small
+// T, where the added code was slower (T = 64 3.15 -> 3.23 us, softmax E = 128 2.88 -> 2.98).
+template <class In, int S, int V, bool kAux, bool kDeepSeekV3>
 __device__ bool select_on_floats(const SegmentLanes<S>& g, const RouteConfig& c, int lpg, int E,
                                  const float (&sel)[V], SegmentScratch<S, V>& s) {
-  if constexpr (kAux || S == 32 || sizeof(typename In::storage) != 2) {
+  if constexpr ((kAux && !kDeepSeekV3) || S == 32 || sizeof(typename In::storage) != 2) {
     return false;
   } else {
     if (E != S * V || !second_best_threshold(c, lpg)) return false;
@@ -574,7 +576,7 @@ __device__ bool select_on_floats(const SegmentLanes<S>& g, const RouteConfig& c,
   }
 }
 
-template <class In, int S, int V, bool kAux>
+template <class In, int S, int V, bool kAux, bool kDeepSeekV3>
 __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig& c, const AuxConfig& a, int lpg,
                                     const typename In::storage* row, bool valid, const float4* bias,
                                     SegmentScratch<S, V>& s, WarpColumnSums<S, V>* cs, int* counts, float* w_out,
@@ -608,7 +610,7 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
     sel[4 * c4] = val[4 * c4] + b.x, sel[4 * c4 + 1] = val[4 * c4 + 1] + b.y;
     sel[4 * c4 + 2] = val[4 * c4 + 2] + b.z, sel[4 * c4 + 3] = val[4 * c4 + 3] + b.w;
   }
-  if (!select_on_floats<In, S, V, kAux>(g, c, lpg, E, sel, s)) {
+  if (!select_on_floats<In, S, V, kAux, kDeepSeekV3>(g, c, lpg, E, sel, s)) {
     uint32_t key[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) key[i] = rank_key_no_neg_zero(sel[i]);
@@ -629,13 +631,44 @@ constexpr size_t segment_smem_bytes() {
          kWarpsPerBlock * (sizeof(SegmentScratch<S, V>) + (kAux ? sizeof(WarpColumnSums<S, V>) : 0));
 }
 
-// Register cap 64, four blocks an SM (sm_90a, nvcc 13.0): routing spills nothing, the aux variant with
-// 32 experts a lane a few words.
-template <class In, int S, int V, bool kAux>
+// DeepSeek-V3's router (noaux_tc): 256 experts in 8 groups of 32, the 4 best groups by the sum of their
+// top 2, the top 8 of the sigmoid scores plus bias, renormalised; route_with_aux_loss's statistics by
+// default count the top 8 of the clean sigmoid scores. The segment kernels have an instantiation for
+// exactly this config, which folds it in as constants: the branches of other configs go, and so do the
+// registers that held the config. Only the scaling factor stays a runtime value. The bf16 kernels shrank
+// from 9568 to 4792 instructions (8 lanes a token) and 3128 to 1088 (a warp a token), and on one H200
+// (RESULTS.md, session 13) T = 64 took 2.94 -> 2.34 us, T = 16384 10.8 -> 10.1, T = 65536 34.3 -> 31.4,
+// route_with_aux_loss T = 16384 27.0 -> 24.3.
+constexpr RouteConfig kDeepSeekV3Config{256, 8, ScoreFunction::kSigmoid, false, 8, 4, 2, true, 1.0f};
+constexpr AuxConfig kDeepSeekV3AuxConfig{8, ScoreFunction::kSigmoid};
+
+// c, or with kDeepSeekV3 kDeepSeekV3Config (c must then be that config, as is_deepseek_v3 checks).
+template <bool kDeepSeekV3>
+__device__ RouteConfig kernel_config(const RouteConfig& c) {
+  if constexpr (!kDeepSeekV3) {
+    return c;
+  } else {
+    RouteConfig fixed = kDeepSeekV3Config;
+    fixed.scaling_factor = c.scaling_factor;
+    return fixed;
+  }
+}
+
+template <bool kDeepSeekV3>
+__device__ AuxConfig kernel_aux_config(const AuxConfig& a) {
+  return kDeepSeekV3 ? kDeepSeekV3AuxConfig : a;
+}
+
+// Register cap 64, four blocks an SM (sm_90a, nvcc 13.0): with 32 experts a lane, the 16-bit routing kernels
+// spill a few words (20 bytes of stores, DeepSeek-V3's 16), the aux variants up to 60.
+template <class In, int S, int V, bool kAux, bool kDeepSeekV3>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
-    route_segment_kernel(RouteConfig c, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
-                         int lpg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
+    route_segment_kernel(RouteConfig config, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
+                         int lpg_arg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
   constexpr int kPad = S * V, kTokensPerWarp = 32 / S;
+  const RouteConfig c = kernel_config<kDeepSeekV3>(config);
+  const AuxConfig aux_cfg = kernel_aux_config<kDeepSeekV3>(aux.cfg);
+  const int lpg = kDeepSeekV3 ? 32 / V : lpg_arg;  // lanes of a group of 32 experts
   extern __shared__ __align__(16) float smem[];
   float* sbias = smem;
   int* counts = reinterpret_cast<int*>(smem + kPad);
@@ -659,7 +692,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     const int64_t t = t0 + g.segment();
     const bool valid = t < T;
     const int64_t row = valid ? t : T - 1;
-    route_token_segment<In, S, V, kAux>(g, c, aux.cfg, lpg, x + row * E, valid,
+    route_token_segment<In, S, V, kAux, kDeepSeekV3>(g, c, aux_cfg, lpg, x + row * E, valid,
                                         reinterpret_cast<const float4*>(sbias) + g.sl, s, column_sums + warp, counts,
                                         w + row * c.topk, idx + row * c.topk);
   }
@@ -1093,12 +1126,12 @@ int resident_segment_blocks(size_t smem) {
   return resident;
 }
 
-template <class In, int S, int V, bool kAux>
+template <class In, int S, int V, bool kAux, bool kDeepSeekV3>
 void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, int lpg,
                     float* w, int32_t* idx) {
   constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
   static_assert(smem <= 112 * 1024, "the segment path needs two blocks an SM at least");
-  constexpr auto kernel = route_segment_kernel<In, S, V, kAux>;
+  constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kDeepSeekV3>;
   const int resident = resident_segment_blocks<kernel>(smem);
   // At most one resident wave; the aux variant's grid is capped by its workspace's block count instead.
   unsigned grid = l.grid(T, kWarpsPerBlock * 32 / S);
@@ -1140,6 +1173,15 @@ void dispatch_segment_layout(const SegmentLayout& s, F&& f) {
   }
 }
 
+// Whether c (and the aux statistics, where given) are kDeepSeekV3Config's, up to the scaling factor.
+bool is_deepseek_v3(const RouteConfig& c, const AuxConfig* aux) {
+  const RouteConfig& d = kDeepSeekV3Config;
+  return c.num_experts == d.num_experts && c.topk == d.topk && c.score_function == d.score_function &&
+         c.num_groups == d.num_groups && c.group_topk == d.group_topk &&
+         c.group_score_topn == d.group_score_topn && c.renormalize == d.renormalize &&
+         (!aux || (aux->topk == kDeepSeekV3AuxConfig.topk && aux->score_function == kDeepSeekV3AuxConfig.score_function));
+}
+
 template <class In, bool kAux>
 ffi::Error route_fwd_typed(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, float* w,
                            int32_t* idx) {
@@ -1151,7 +1193,11 @@ ffi::Error route_fwd_typed(const Launch& l, const RouteConfig& c, const void* x,
   const SegmentLayout layout = segment_layout(c, kAux ? l.aux->cfg.topk : 0, T);
   if (layout.S) {
     dispatch_segment_layout(layout, [&]<int S, int V>() {
-      launch_segment<In, S, V, kAux>(l, c, x, bias, T, layout.lpg, w, idx);
+      if constexpr (S * V == kDeepSeekV3Config.num_experts) {
+        if (is_deepseek_v3(c, kAux ? &l.aux->cfg : nullptr))
+          return launch_segment<In, S, V, kAux, true>(l, c, x, bias, T, layout.lpg, w, idx);
+      }
+      launch_segment<In, S, V, kAux, false>(l, c, x, bias, T, layout.lpg, w, idx);
     });
     return launch_status("route forward (segment per token)");
   }

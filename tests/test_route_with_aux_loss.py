@@ -105,6 +105,31 @@ def test_gradient_is_routing_plus_aux_gradient(rng, experts, topk, route_kwargs,
     np.testing.assert_allclose(got, route_grad + aux_grad, rtol=1e-4, atol=1e-6)
 
 
+# From 4096 tokens on, DeepSeek-V3's fused kernel routes 4 tokens a warp and selects on float values
+# (routing_cuda.cu, select_on_floats). Tied logits (4 values) test the tie rule of its counts, read from
+# the primitive: in the loss, one count moved between tied experts changes too little to see.
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_many_tokens_deepseek_v3(rng, dtype, tied):
+    tokens = 4099
+    if tied:
+        x = jnp.asarray(rng.choice((-1.25, 0.5, 1.0, 2.0), size=(tokens, 256)), dtype)
+    else:
+        x = _logits(rng, tokens, 256, dtype)
+    bias = jnp.asarray(rng.choice((-0.25, 0.0, 0.25), size=256), jnp.float32)
+    routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-2, expert_bias=bias, **DSV3)
+    plain = jax_moe.route(x, 8, expert_bias=bias, **DSV3)
+    np.testing.assert_array_equal(routing.indices, plain.indices)
+    np.testing.assert_allclose(routing.weights, plain.weights, rtol=1e-6, atol=1e-7)
+    ref_loss, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "sigmoid", 1e-2)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
+    config = jax_moe.routing._route_config(256, 8, "sigmoid", 8, 4, None, False, None, None, 2.5)
+    sigmoid = jax_moe.routing.checks.score_function("sigmoid")
+    counts = jax_moe.routing.route_aux_fwd_p.bind(x, bias, **config._asdict(), aux_topk=8,
+                                                  aux_score_function=sigmoid)[3]
+    np.testing.assert_array_equal(counts, ref_counts)
+
+
 def test_bf16_logits_and_bias_dtype(rng):
     x = _logits(rng, 64, 256, jnp.bfloat16)
     bias = jnp.asarray(rng.normal(size=256).astype(np.float32) * 0.1)

@@ -347,6 +347,22 @@ def test_nan_and_inf_rows_with_groups_and_bias(rng, mode):
               **MODES[mode])
 
 
+# DeepSeek-V3's exact config runs kernels compiled for it (routing_cuda.cu, kDeepSeekV3Config), at 32 lanes a
+# token below MANY_TOKENS and 8 from there: tied logits with a bias of three values (so that z ties too),
+# and NaN / infinite rows, in every logits dtype at both.
+@pytest.mark.parametrize("tokens", [203, MANY_TOKENS])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deepseek_v3_ties_and_non_finite_rows(rng, dtype, tokens):
+  logits = np.asarray(tied_logits(rng, (tokens, DEEPSEEK_V3_E)), np.float64)
+  bias = rng.choice((-0.25, 0.0, 0.25), size=DEEPSEEK_V3_E)
+  z = np.sort(1 / (1 + np.exp(-logits)) + bias, -1)[:, ::-1]
+  assert (z[:, DEEPSEEK_V3_K - 1] == z[:, DEEPSEEK_V3_K]).any()
+  rows = rng.choice(tokens, 40, replace=False)
+  special = non_finite_rows(rng, DEEPSEEK_V3_E)
+  logits[rows] = special[np.arange(40) % len(special)]
+  check_route(jnp.asarray(logits, DTYPES[dtype]), DEEPSEEK_V3_K, expert_bias=jnp.asarray(bias, F32), **DEEPSEEK_V3)
+
+
 def test_nan_row_keeps_softmax_pre_weights_visible(rng):
   # SPEC §1.4: a NaN makes the whole softmax row NaN, so experts 0..k-1 are chosen with NaN weights.
   logits = random_logits(rng, (3, 16)).at[:, 7].set(jnp.nan)
