@@ -175,8 +175,9 @@ __device__ void carried_row(Carry k, const float (&x)[V], float mx, float inv_su
   });
 }
 
-// This lane's V logits (Spread::kRun) of a row of exactly S * V experts, as stored: loaded before other
-// work and converted after it, so that the load's latency overlaps that work.
+// This lane's V logits (Spread::kRun) of a row of exactly S * V experts, as stored, in 16-byte loads.
+// load_segment_row converts them at once; the DeepSeek-V3 kernel at small T loads them before other work
+// and converts them after it, so that the load's latency overlaps that work.
 template <class In, int S, int V>
 struct StoredRow {
   using St = typename In::storage;
@@ -218,19 +219,15 @@ __device__ void load_segment_row(const SegmentLanes<S>& g, const typename In::st
     }
     return;
   }
-  constexpr int kBytes = V * int(sizeof(St));
-  const int e0 = g.sl * V;
-  if constexpr (kBytes % 16 == 0) {
+  if constexpr (V * sizeof(St) % 16 == 0) {
     if (E == S * V) {  // then every row starts 16-byte aligned
-      alignas(16) St buf[V];
-#pragma unroll
-      for (int c = 0; c < kBytes / 16; ++c)
-        reinterpret_cast<uint4*>(buf)[c] = __ldg(reinterpret_cast<const uint4*>(row + e0) + c);
-#pragma unroll
-      for (int i = 0; i < V; ++i) x[i] = In::to_float(buf[i]);
+      StoredRow<In, S, V> stored;
+      stored.load(g, row);
+      stored.to_floats(x);
       return;
     }
   }
+  const int e0 = g.sl * V;
 #pragma unroll
   for (int i = 0; i < V; ++i) x[i] = e0 + i < E ? In::to_float(row[e0 + i]) : -INFINITY;
 }
@@ -1319,7 +1316,7 @@ bool launch_aux_bwd_registers(cudaStream_t stream, const DeviceLimits& dev, cons
     auto kernel = route_aux_bwd_registers_kernel<In, kR, kF, false>;
     // DeepSeek-V3 rows (256 experts: kR chunks of 16 bytes a lane) with sigmoid aux statistics: its config
     // folded in (kDeepSeekV3Config), T = 16384 bf16 11.1 -> 9.8 us, f32 14.2 -> 12.8 (H100).
-    if constexpr (kF == ScoreFunction::kSigmoid && kR * 16 * 8 == 256 * sizeof(S))
+    if constexpr (kF == ScoreFunction::kSigmoid && kR * 16 * 8 == kDeepSeekV3Config.num_experts * sizeof(S))
       if (is_deepseek_v3(b.config, nullptr)) kernel = route_aux_bwd_registers_kernel<In, kR, kF, true>;
     kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(b.config, static_cast<const S*>(b.logits), b.indices,
                                                      b.dweights, Counts{dscale, false},
