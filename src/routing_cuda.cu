@@ -6,7 +6,8 @@
 //    groups that are runs of whole lanes (DeepSeek-V3: 8 lanes of 32 experts, one group each); a
 //    warp routes 32 / S tokens at once, every lane holding V experts in registers;
 //  * otherwise the shared row algorithm of routing_row.h, a warp per token on shared memory.
-// DeepSeek-V3's exact config has segment kernels of its own, compiled with it as constants (kDeepSeekV3Config).
+// DeepSeek-V3's exact config and Qwen3-MoE's router shape have segment kernels of their own, compiled with
+// them as constants (kDeepSeekV3Config, kSoftmax128Top8Config).
 // aux_loss_scores' forward also takes the segment path where that is faster (segment_scores_cuda.h).
 // The fused aux variant also accumulates clean-score column sums and top-k counts per block into a
 // workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
@@ -569,6 +570,44 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
   write_routing_picks<In, S, kMaxSegmentTopk / S>(g, c, k, row, mx, inv_sum, pick, valid, w_out, idx_out);
 }
 
+// DeepSeek-V3's router (noaux_tc): 256 experts in 8 groups of 32, the 4 best groups by the sum of their
+// top 2, the top 8 of the sigmoid scores plus bias, renormalised; route_with_aux_loss's statistics by
+// default count the top 8 of the clean sigmoid scores. The segment kernels have an instantiation for
+// exactly this config, which folds it in as constants: the branches of other configs go, and so do the
+// registers that held the config. Only the scaling factor stays a runtime value. The bf16 kernels shrank
+// from 9568 to 4792 instructions (8 lanes a token) and 3128 to 1088 (a warp a token), and on one H200
+// (RESULTS.md, session 13) T = 64 took 2.94 -> 2.34 us, T = 16384 10.8 -> 10.1, T = 65536 34.3 -> 31.4,
+// route_with_aux_loss T = 16384 27.0 -> 24.3.
+constexpr RouteConfig kDeepSeekV3Config{256, 8, ScoreFunction::kSigmoid, false, 8, 4, 2, true, 1.0f};
+constexpr AuxConfig kDeepSeekV3AuxConfig{8, ScoreFunction::kSigmoid};
+
+// The router of Qwen2-MoE and Qwen3-MoE (128 experts): a softmax, the top 8. Compiled as the default
+// post-softmax (the top 8 logits, then a softmax over them), which gives the weights of the models' own form
+// (the softmax over all experts, its top 8 renormalised); aux statistics: the top 8 of the softmax.
+constexpr RouteConfig kSoftmax128Top8Config{128, 8, ScoreFunction::kSoftmax, false, 0, 0, 0, false, 1.0f};
+constexpr AuxConfig kSoftmax128Top8AuxConfig{8, ScoreFunction::kSoftmax};
+
+// Which config a kernel has compiled in (kNone: the config is a run-time value).
+enum class Fixed { kNone, kDeepSeekV3, kSoftmax128Top8 };
+
+// c, or the config compiled in (c must then be that config, as fixed_config checks), with c's scaling factor.
+template <Fixed kFixed>
+__device__ RouteConfig kernel_config(const RouteConfig& c) {
+  if constexpr (kFixed == Fixed::kNone) {
+    return c;
+  } else {
+    RouteConfig fixed = kFixed == Fixed::kDeepSeekV3 ? kDeepSeekV3Config : kSoftmax128Top8Config;
+    fixed.scaling_factor = c.scaling_factor;
+    return fixed;
+  }
+}
+
+template <Fixed kFixed>
+__device__ AuxConfig kernel_aux_config(const AuxConfig& a) {
+  if constexpr (kFixed == Fixed::kNone) return a;
+  else return kFixed == Fixed::kDeepSeekV3 ? kDeepSeekV3AuxConfig : kSoftmax128Top8AuxConfig;
+}
+
 // The selection of a grouped row on its float values (elem_key), keys made for the candidates only: for
 // DeepSeek-V3 bf16 at many tokens (8 lanes a token) T = 16384 11.87 -> 11.2 us, T = 65536 38.8 -> 34.3.
 // Returns false, having done nothing, where it does not apply: rows with padding or a NaN (a NaN key ranks
@@ -577,10 +616,10 @@ __device__ void write_routing(const SegmentLanes<S>& g, const RouteConfig& c, Ca
 // kernel 23.1 -> 23.8 us at T = 16384; f32 T = 65536 43.4 -> 45.0); the DeepSeek-V3 aux kernel spills less
 // with it (16 bytes of stores against 60, bf16). A whole warp a token runs a single token's chain at small
 // T, where the added code was slower (T = 64 3.15 -> 3.23 us, softmax E = 128 2.88 -> 2.98).
-template <class In, int S, int V, bool kAux, bool kDeepSeekV3>
+template <class In, int S, int V, bool kAux, Fixed kFixed>
 __device__ bool select_on_floats(const SegmentLanes<S>& g, const RouteConfig& c, int lpg, int E,
                                  const float (&sel)[V], SegmentScratch<S, V>& s) {
-  if constexpr ((kAux && !kDeepSeekV3) || S == 32 || sizeof(typename In::storage) != 2) {
+  if constexpr ((kAux && kFixed != Fixed::kDeepSeekV3) || S == 32 || sizeof(typename In::storage) != 2) {
     return false;
   } else {
     if (E != S * V || !second_best_threshold(c, lpg)) return false;
@@ -595,7 +634,7 @@ __device__ bool select_on_floats(const SegmentLanes<S>& g, const RouteConfig& c,
   }
 }
 
-template <class In, int S, int V, bool kAux, bool kDeepSeekV3>
+template <class In, int S, int V, bool kAux, Fixed kFixed>
 __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig& c, const AuxConfig& a, int lpg,
                                     float (&x)[V], const typename In::storage* row, bool valid, const float4* bias,
                                     SegmentScratch<S, V>& s, WarpColumnSums<S, V>* cs, int* counts, float* w_out,
@@ -627,7 +666,7 @@ __device__ void route_token_segment(const SegmentLanes<S>& g, const RouteConfig&
     sel[4 * c4] = val[4 * c4] + b.x, sel[4 * c4 + 1] = val[4 * c4 + 1] + b.y;
     sel[4 * c4 + 2] = val[4 * c4 + 2] + b.z, sel[4 * c4 + 3] = val[4 * c4 + 3] + b.w;
   }
-  if (!select_on_floats<In, S, V, kAux, kDeepSeekV3>(g, c, lpg, E, sel, s)) {
+  if (!select_on_floats<In, S, V, kAux, kFixed>(g, c, lpg, E, sel, s)) {
     uint32_t key[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) key[i] = rank_key_no_neg_zero(sel[i]);
@@ -648,44 +687,17 @@ constexpr size_t segment_smem_bytes() {
          kWarpsPerBlock * (sizeof(SegmentScratch<S, V>) + (kAux ? sizeof(WarpColumnSums<S, V>) : 0));
 }
 
-// DeepSeek-V3's router (noaux_tc): 256 experts in 8 groups of 32, the 4 best groups by the sum of their
-// top 2, the top 8 of the sigmoid scores plus bias, renormalised; route_with_aux_loss's statistics by
-// default count the top 8 of the clean sigmoid scores. The segment kernels have an instantiation for
-// exactly this config, which folds it in as constants: the branches of other configs go, and so do the
-// registers that held the config. Only the scaling factor stays a runtime value. The bf16 kernels shrank
-// from 9568 to 4792 instructions (8 lanes a token) and 3128 to 1088 (a warp a token), and on one H200
-// (RESULTS.md, session 13) T = 64 took 2.94 -> 2.34 us, T = 16384 10.8 -> 10.1, T = 65536 34.3 -> 31.4,
-// route_with_aux_loss T = 16384 27.0 -> 24.3.
-constexpr RouteConfig kDeepSeekV3Config{256, 8, ScoreFunction::kSigmoid, false, 8, 4, 2, true, 1.0f};
-constexpr AuxConfig kDeepSeekV3AuxConfig{8, ScoreFunction::kSigmoid};
-
-// c, or with kDeepSeekV3 kDeepSeekV3Config (c must then be that config, as is_deepseek_v3 checks).
-template <bool kDeepSeekV3>
-__device__ RouteConfig kernel_config(const RouteConfig& c) {
-  if constexpr (!kDeepSeekV3) {
-    return c;
-  } else {
-    RouteConfig fixed = kDeepSeekV3Config;
-    fixed.scaling_factor = c.scaling_factor;
-    return fixed;
-  }
-}
-
-template <bool kDeepSeekV3>
-__device__ AuxConfig kernel_aux_config(const AuxConfig& a) {
-  return kDeepSeekV3 ? kDeepSeekV3AuxConfig : a;
-}
-
 // Register cap 64, four blocks an SM (sm_90a, nvcc 13.0): with 32 experts a lane, the 16-bit routing kernels
 // spill a few words (20 bytes of stores, DeepSeek-V3's 16), the aux variants up to 60.
-template <class In, int S, int V, bool kAux, bool kDeepSeekV3>
+template <class In, int S, int V, bool kAux, Fixed kFixed>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_segment_kernel(RouteConfig config, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
                          int lpg_arg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
   constexpr int kPad = S * V, kTokensPerWarp = 32 / S;
-  const RouteConfig c = kernel_config<kDeepSeekV3>(config);
-  const AuxConfig aux_cfg = kernel_aux_config<kDeepSeekV3>(aux.cfg);
-  const int lpg = kDeepSeekV3 ? 32 / V : lpg_arg;  // lanes of a group of 32 experts
+  const RouteConfig c = kernel_config<kFixed>(config);
+  const AuxConfig aux_cfg = kernel_aux_config<kFixed>(aux.cfg);
+  // Lanes of a group (DeepSeek-V3: 32 experts); none without groups.
+  const int lpg = kFixed == Fixed::kNone ? lpg_arg : c.num_groups ? int(c.group_size()) / V : 0;
   extern __shared__ __align__(16) float smem[];
   float* sbias = smem;
   int* counts = reinterpret_cast<int*>(smem + kPad);
@@ -696,11 +708,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
   const SegmentLanes<S> g(threadIdx.x & 31);
   const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * kTokensPerWarp;
   const int64_t first = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * kTokensPerWarp;
-  // The DeepSeek-V3 routing kernel at small T (a warp a token) loads a warp's first rows before the bias is
-  // staged, so that the two latencies overlap, and each next rows at the end of an iteration: T = 64 bf16
-  // 2.56 -> 2.43 us, T = 1024 2.75 -> 2.62 (H100). At 8 lanes a token (T >= kWideTokens) T = 65536 got slower
-  // (31.6 -> 34.2), and in other kernels it spilled (up to 300 bytes with runtime configs).
-  constexpr bool kRowsAhead = kDeepSeekV3 && !kAux && S == 32;
+  // The compiled-in routing kernels at small T (a warp a token) load a warp's first rows before the bias is
+  // staged, so that the two latencies overlap, and each next rows at the end of an iteration: DeepSeek-V3
+  // T = 64 bf16 2.56 -> 2.43 us, T = 1024 2.75 -> 2.62 (H100). At 8 lanes a token (T >= kWideTokens) T = 65536
+  // got slower (31.6 -> 34.2), and in the runtime-config kernels it spilled (up to 300 bytes).
+  constexpr bool kRowsAhead =
+      kFixed != Fixed::kNone && !kAux && S == 32 && V * sizeof(typename In::storage) % 16 == 0;  // StoredRow's
   StoredRow<In, S, V> stored;
   if constexpr (kRowsAhead)
     if (first < T) stored.load(g, x + min(first + g.segment(), T - 1) * E);
@@ -722,7 +735,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       stored.to_floats(xv);
     else
       load_segment_row<In, S, V>(g, x + row * E, E, xv);
-    route_token_segment<In, S, V, kAux, kDeepSeekV3>(g, c, aux_cfg, lpg, xv, x + row * E, valid,
+    route_token_segment<In, S, V, kAux, kFixed>(g, c, aux_cfg, lpg, xv, x + row * E, valid,
                                                      reinterpret_cast<const float4*>(sbias) + g.sl, s,
                                                      column_sums + warp, counts, w + row * c.topk, idx + row * c.topk);
     // Not at the start of the next iteration: stored, not reloaded for the first rows, would then stay live
@@ -1028,12 +1041,12 @@ __device__ void zero_row(const Lanes& L, S* row, int64_t n) {
 
 // W lanes a token (dispatch_bwd_lanes): with few experts a warp works on several tokens at once, so that
 // the topk-long parts of the backward keep its lanes busy; rows of at most 32 experts take a thread each.
-template <class In, int W, bool kAux, bool kDeepSeekV3>
+template <class In, int W, bool kAux, Fixed kFixed>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_bwd_kernel(RouteConfig config, ScoreFunction aux_f, const typename In::storage* __restrict__ x,
                      const int32_t* __restrict__ idx, const float* __restrict__ dw, const float* __restrict__ dscale,
                      typename In::storage* __restrict__ dx, int64_t T) {
-  const RouteConfig c = kernel_config<kDeepSeekV3>(config);
+  const RouteConfig c = kernel_config<kFixed>(config);
   using R = RowGroupOf<W, kWarpsPerBlock>;
   using Lanes = std::conditional_t<W == 1, SerialLanes, GroupLanes<W>>;
   Lanes L;
@@ -1065,12 +1078,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 // chunks. The aux score function is a template parameter: as a run-time value, the unrolled per-element
 // code pays for all three functions (twice the time of route_bwd_kernel's loop, itself 14.2 µs for
 // DeepSeek-V3 at T = 16384 against 6.4 for the routing backward alone).
-template <class In, int R, ScoreFunction kAuxF, bool kDeepSeekV3>
+template <class In, int R, ScoreFunction kAuxF, Fixed kFixed>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_aux_bwd_registers_kernel(RouteConfig config, const typename In::storage* __restrict__ x,
                                    const int32_t* __restrict__ idx, const float* __restrict__ dw, Counts dscale,
                                    typename In::storage* __restrict__ dx, int64_t T) {
-  const RouteConfig c = kernel_config<kDeepSeekV3>(config);
+  const RouteConfig c = kernel_config<kFixed>(config);
   using Rows = RowGroupOf<8, kWarpsPerBlock>;
   const GroupLanes<8> L = Rows::lanes();
   const int64_t E = c.num_experts, k = c.topk;
@@ -1162,12 +1175,12 @@ int resident_segment_blocks(size_t smem) {
   return resident;
 }
 
-template <class In, int S, int V, bool kAux, bool kDeepSeekV3>
+template <class In, int S, int V, bool kAux, Fixed kFixed>
 void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, int lpg,
                     float* w, int32_t* idx) {
   constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
   static_assert(smem <= 112 * 1024, "the segment path needs two blocks an SM at least");
-  constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kDeepSeekV3>;
+  constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kFixed>;
   const int resident = resident_segment_blocks<kernel>(smem);
   // At most one resident wave; the aux variant's grid is capped by its workspace's block count instead.
   unsigned grid = l.grid(T, kWarpsPerBlock * 32 / S);
@@ -1209,13 +1222,24 @@ void dispatch_segment_layout(const SegmentLayout& s, F&& f) {
   }
 }
 
-// Whether c (and the aux statistics, where given) are kDeepSeekV3Config's, up to the scaling factor.
-bool is_deepseek_v3(const RouteConfig& c, const AuxConfig* aux) {
-  const RouteConfig& d = kDeepSeekV3Config;
+// Whether c is d up to the scaling factor (and use_pre_softmax, which only softmax reads).
+bool same_config(const RouteConfig& c, const RouteConfig& d) {
   return c.num_experts == d.num_experts && c.topk == d.topk && c.score_function == d.score_function &&
+         (c.use_pre_softmax == d.use_pre_softmax || c.score_function != ScoreFunction::kSoftmax) &&
          c.num_groups == d.num_groups && c.group_topk == d.group_topk &&
-         c.group_score_topn == d.group_score_topn && c.renormalize == d.renormalize &&
-         (!aux || (aux->topk == kDeepSeekV3AuxConfig.topk && aux->score_function == kDeepSeekV3AuxConfig.score_function));
+         c.group_score_topn == d.group_score_topn && c.renormalize == d.renormalize;
+}
+
+bool same_aux_config(const AuxConfig* a, const AuxConfig& d) {
+  return !a || (a->topk == d.topk && a->score_function == d.score_function);
+}
+
+// The compiled-in config that c (and the aux statistics, where given) are, up to the scaling factor.
+Fixed fixed_config(const RouteConfig& c, const AuxConfig* aux) {
+  if (same_config(c, kDeepSeekV3Config) && same_aux_config(aux, kDeepSeekV3AuxConfig)) return Fixed::kDeepSeekV3;
+  if (same_config(c, kSoftmax128Top8Config) && same_aux_config(aux, kSoftmax128Top8AuxConfig))
+    return Fixed::kSoftmax128Top8;
+  return Fixed::kNone;
 }
 
 template <class In, bool kAux>
@@ -1228,12 +1252,15 @@ ffi::Error route_fwd_typed(const Launch& l, const RouteConfig& c, const void* x,
   }
   const SegmentLayout layout = segment_layout(c, kAux ? l.aux->cfg.topk : 0, T);
   if (layout.S) {
+    const Fixed fixed = fixed_config(c, kAux ? &l.aux->cfg : nullptr);
     dispatch_segment_layout(layout, [&]<int S, int V>() {
-      if constexpr (S * V == kDeepSeekV3Config.num_experts) {
-        if (is_deepseek_v3(c, kAux ? &l.aux->cfg : nullptr))
-          return launch_segment<In, S, V, kAux, true>(l, c, x, bias, T, layout.lpg, w, idx);
-      }
-      launch_segment<In, S, V, kAux, false>(l, c, x, bias, T, layout.lpg, w, idx);
+      if constexpr (S * V == kDeepSeekV3Config.num_experts)
+        if (fixed == Fixed::kDeepSeekV3)
+          return launch_segment<In, S, V, kAux, Fixed::kDeepSeekV3>(l, c, x, bias, T, layout.lpg, w, idx);
+      if constexpr (S * V == kSoftmax128Top8Config.num_experts)
+        if (fixed == Fixed::kSoftmax128Top8)
+          return launch_segment<In, S, V, kAux, Fixed::kSoftmax128Top8>(l, c, x, bias, T, layout.lpg, w, idx);
+      launch_segment<In, S, V, kAux, Fixed::kNone>(l, c, x, bias, T, layout.lpg, w, idx);
     });
     return launch_status("route forward (segment per token)");
   }
@@ -1313,11 +1340,12 @@ bool launch_aux_bwd_registers(cudaStream_t stream, const DeviceLimits& dev, cons
   const unsigned grid = RowGroupOf<8, kWarpsPerBlock>::grid(b.tokens, dev.sm_count, kBwdBlocksPerSM);
   const auto launch = [&]<int kR, ScoreFunction kF>() {
     using S = typename In::storage;
-    auto kernel = route_aux_bwd_registers_kernel<In, kR, kF, false>;
+    auto kernel = route_aux_bwd_registers_kernel<In, kR, kF, Fixed::kNone>;
     // DeepSeek-V3 rows (256 experts: kR chunks of 16 bytes a lane) with sigmoid aux statistics: its config
     // folded in (kDeepSeekV3Config), T = 16384 bf16 11.1 -> 9.8 us, f32 14.2 -> 12.8 (H100).
     if constexpr (kF == ScoreFunction::kSigmoid && kR * 16 * 8 == kDeepSeekV3Config.num_experts * sizeof(S))
-      if (is_deepseek_v3(b.config, nullptr)) kernel = route_aux_bwd_registers_kernel<In, kR, kF, true>;
+      if (fixed_config(b.config, nullptr) == Fixed::kDeepSeekV3)
+        kernel = route_aux_bwd_registers_kernel<In, kR, kF, Fixed::kDeepSeekV3>;
     kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(b.config, static_cast<const S*>(b.logits), b.indices,
                                                      b.dweights, Counts{dscale, false},
                                                      static_cast<S*>(b.dlogits), b.tokens);
@@ -1357,10 +1385,13 @@ ffi::Error launch_route_bwd(cudaStream_t stream, int32_t device, const RouteBwdB
           return;
       }
       const unsigned grid = RowGroupOf<W, kWarpsPerBlock>::grid(b.tokens, dev.sm_count, kBwdBlocksPerSM);
-      auto kernel = route_bwd_kernel<In, W, kAux, false>;
-      // DeepSeek-V3's config folded in: 63 -> 29 registers, T = 16384 bf16 6.0 -> 4.8 us (H100).
-      if constexpr (W == 8 && !kAux)
-        if (is_deepseek_v3(b.config, nullptr)) kernel = route_bwd_kernel<In, W, kAux, true>;
+      auto kernel = route_bwd_kernel<In, W, kAux, Fixed::kNone>;
+      // The compiled-in configs (DeepSeek-V3: 63 -> 29 registers, T = 16384 bf16 6.0 -> 4.8 us, H100).
+      if constexpr (W == 8 && !kAux) {
+        const Fixed fixed = fixed_config(b.config, nullptr);
+        if (fixed == Fixed::kDeepSeekV3) kernel = route_bwd_kernel<In, W, kAux, Fixed::kDeepSeekV3>;
+        if (fixed == Fixed::kSoftmax128Top8) kernel = route_bwd_kernel<In, W, kAux, Fixed::kSoftmax128Top8>;
+      }
       kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(b.config, aux_f, static_cast<const S*>(b.logits), b.indices,
                                                        b.dweights, dscale, static_cast<S*>(b.dlogits), b.tokens);
     });

@@ -130,6 +130,30 @@ def test_many_tokens_deepseek_v3(rng, dtype, tied):
     np.testing.assert_array_equal(counts, ref_counts)
 
 
+# Qwen3-MoE's router shape (128 experts, softmax, top 8) has fused kernels of its own too; its aux counts are
+# the top 8 of the softmax, checked exactly, tied logits included.
+@pytest.mark.parametrize("tokens", [203, 4099])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_qwen3_router(rng, dtype, tied, tokens):
+    if tied:
+        x = jnp.asarray(rng.choice((-1.25, 0.5, 1.0, 2.0), size=(tokens, 128)), dtype)
+    else:
+        x = _logits(rng, tokens, 128, dtype)
+    routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-2, score_function="softmax")
+    plain = jax_moe.route(x, 8, score_function="softmax")
+    np.testing.assert_array_equal(routing.indices, plain.indices)
+    np.testing.assert_allclose(routing.weights, plain.weights, rtol=1e-6, atol=1e-7)
+    ref_loss, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "softmax", 1e-2)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
+    config = jax_moe.routing._route_config(128, 8, "softmax", None, None, None, False, None, None, 1.0)
+    softmax = jax_moe.routing.checks.score_function("softmax")
+    no_bias = jnp.zeros((0,), jnp.float32)
+    counts = jax_moe.routing.route_aux_fwd_p.bind(x, no_bias, **config._asdict(), aux_topk=8,
+                                                  aux_score_function=softmax)[3]
+    np.testing.assert_array_equal(counts, ref_counts)
+
+
 def test_bf16_logits_and_bias_dtype(rng):
     x = _logits(rng, 64, 256, jnp.bfloat16)
     bias = jnp.asarray(rng.normal(size=256).astype(np.float32) * 0.1)

@@ -363,6 +363,35 @@ def test_deepseek_v3_ties_and_non_finite_rows(rng, dtype, tokens):
   check_route(jnp.asarray(logits, DTYPES[dtype]), DEEPSEEK_V3_K, expert_bias=jnp.asarray(bias, F32), **DEEPSEEK_V3)
 
 
+# Qwen3-MoE's router shape (128 experts, softmax, top 8, after the default post-softmax) runs kernels compiled
+# for it too (kSoftmax128Top8Config), with a bias or none: the same ties and non-finite rows, and gradients.
+QWEN3_E, QWEN3_K = 128, 8
+
+
+@pytest.mark.parametrize("tokens", [203, MANY_TOKENS])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qwen3_router_ties_and_non_finite_rows(rng, dtype, tokens):
+  logits = np.asarray(tied_logits(rng, (tokens, QWEN3_E)), np.float64)
+  bias = rng.choice((-0.25, 0.0, 0.25), size=QWEN3_E)
+  z = np.sort(logits + bias, -1)[:, ::-1]
+  assert (z[:, QWEN3_K - 1] == z[:, QWEN3_K]).any()
+  rows = rng.choice(tokens, 40, replace=False)
+  special = non_finite_rows(rng, QWEN3_E)
+  logits[rows] = special[np.arange(40) % len(special)]
+  x = jnp.asarray(logits, DTYPES[dtype])
+  check_route(x, QWEN3_K, expert_bias=jnp.asarray(bias, F32), **MODES["softmax_post"])
+  check_route(x, QWEN3_K, **MODES["softmax_post"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qwen3_router_gradient(rng, dtype):
+  logits = random_logits(rng, (67, QWEN3_E), DTYPES[dtype])
+  cot = jnp.asarray(rng.normal(size=(67, QWEN3_K)), F32)
+  config = dict(MODES["softmax_post"], expert_bias=random_bias(rng, QWEN3_E, "softmax_post"))
+  grad = weighted_sum_grad(logits, cot, QWEN3_K, **config)
+  assert_grad_matches_reference(grad, logits, cot, QWEN3_K, rtol=1e-4 if dtype == "f32" else 1e-2, **config)
+
+
 def test_nan_row_keeps_softmax_pre_weights_visible(rng):
   # SPEC §1.4: a NaN makes the whole softmax row NaN, so experts 0..k-1 are chosen with NaN weights.
   logits = random_logits(rng, (3, 16)).at[:, 7].set(jnp.nan)
