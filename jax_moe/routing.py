@@ -69,6 +69,12 @@ def route(
         the row's weights stay finite unless a NaN is chosen (with use_pre_softmax every score of
         such a row is NaN and experts 0..k-1 are chosen with NaN weights).
       * under vmap with a batched expert_bias, the kernel runs once per bias (lax.map).
+
+    Speed: two configs run CUDA kernels compiled for them, 10-20% faster than the general ones
+    (any expert_bias and scaling_factor): DeepSeek-V3's (E=256, sigmoid, 8 groups, group_topk=4,
+    topk=8, renormalised) and softmax over E=128 with topk=8 without use_pre_softmax. The latter
+    gives the weights of Qwen2/Qwen3-MoE's router (softmax over all experts, top 8, renormalised):
+    prefer it to use_pre_softmax=True with renormalize=True.
     """
     logits = _check_logits(logits)
     num_experts = logits.shape[-1]
