@@ -736,8 +736,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     else
       load_segment_row<In, S, V>(g, x + row * E, E, xv);
     route_token_segment<In, S, V, kAux, kFixed>(g, c, aux_cfg, lpg, xv, x + row * E, valid,
-                                                     reinterpret_cast<const float4*>(sbias) + g.sl, s,
-                                                     column_sums + warp, counts, w + row * c.topk, idx + row * c.topk);
+                                                reinterpret_cast<const float4*>(sbias) + g.sl, s, column_sums + warp,
+                                                counts, w + row * c.topk, idx + row * c.topk);
     // Not at the start of the next iteration: stored, not reloaded for the first rows, would then stay live
     // through the whole iteration.
     if constexpr (kRowsAhead)
