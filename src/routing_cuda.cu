@@ -587,8 +587,11 @@ constexpr AuxConfig kDeepSeekV3AuxConfig{8, ScoreFunction::kSigmoid};
 constexpr RouteConfig kSoftmax128Top8Config{128, 8, ScoreFunction::kSoftmax, false, 0, 0, 0, false, 1.0f};
 constexpr AuxConfig kSoftmax128Top8AuxConfig{8, ScoreFunction::kSoftmax};
 
-// Which config a kernel has compiled in (kNone: the config is a run-time value).
+// Which config a kernel has compiled in (kNone: the config is a run-time value), and the configs by it.
 enum class Fixed { kNone, kDeepSeekV3, kSoftmax128Top8 };
+constexpr Fixed kFixedConfigs[] = {Fixed::kDeepSeekV3, Fixed::kSoftmax128Top8};
+constexpr RouteConfig kFixedRoute[] = {RouteConfig{}, kDeepSeekV3Config, kSoftmax128Top8Config};
+constexpr AuxConfig kFixedAux[] = {AuxConfig{}, kDeepSeekV3AuxConfig, kSoftmax128Top8AuxConfig};
 
 // c, or the config compiled in (c must then be that config, as fixed_config checks), with c's scaling factor.
 template <Fixed kFixed>
@@ -596,7 +599,8 @@ __device__ RouteConfig kernel_config(const RouteConfig& c) {
   if constexpr (kFixed == Fixed::kNone) {
     return c;
   } else {
-    RouteConfig fixed = kFixed == Fixed::kDeepSeekV3 ? kDeepSeekV3Config : kSoftmax128Top8Config;
+    constexpr RouteConfig kConfig = kFixedRoute[int(kFixed)];
+    RouteConfig fixed = kConfig;
     fixed.scaling_factor = c.scaling_factor;
     return fixed;
   }
@@ -604,8 +608,12 @@ __device__ RouteConfig kernel_config(const RouteConfig& c) {
 
 template <Fixed kFixed>
 __device__ AuxConfig kernel_aux_config(const AuxConfig& a) {
-  if constexpr (kFixed == Fixed::kNone) return a;
-  else return kFixed == Fixed::kDeepSeekV3 ? kDeepSeekV3AuxConfig : kSoftmax128Top8AuxConfig;
+  if constexpr (kFixed == Fixed::kNone) {
+    return a;
+  } else {
+    constexpr AuxConfig kConfig = kFixedAux[int(kFixed)];
+    return kConfig;
+  }
 }
 
 // The selection of a grouped row on its float values (elem_key), keys made for the candidates only: for
@@ -1236,9 +1244,8 @@ bool same_aux_config(const AuxConfig* a, const AuxConfig& d) {
 
 // The compiled-in config that c (and the aux statistics, where given) are, up to the scaling factor.
 Fixed fixed_config(const RouteConfig& c, const AuxConfig* aux) {
-  if (same_config(c, kDeepSeekV3Config) && same_aux_config(aux, kDeepSeekV3AuxConfig)) return Fixed::kDeepSeekV3;
-  if (same_config(c, kSoftmax128Top8Config) && same_aux_config(aux, kSoftmax128Top8AuxConfig))
-    return Fixed::kSoftmax128Top8;
+  for (const Fixed f : kFixedConfigs)
+    if (same_config(c, kFixedRoute[int(f)]) && same_aux_config(aux, kFixedAux[int(f)])) return f;
   return Fixed::kNone;
 }
 
