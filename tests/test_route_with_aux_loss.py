@@ -105,52 +105,39 @@ def test_gradient_is_routing_plus_aux_gradient(rng, experts, topk, route_kwargs,
     np.testing.assert_allclose(got, route_grad + aux_grad, rtol=1e-4, atol=1e-6)
 
 
-# From 4096 tokens on, DeepSeek-V3's fused kernel routes 4 tokens a warp and selects on float values
-# (routing_cuda.cu, select_on_floats). Tied logits (4 values) test the tie rule of its counts, read from
-# the primitive: in the loss, one count moved between tied experts changes too little to see.
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_many_tokens_deepseek_v3(rng, dtype, tied):
-    tokens = 4099
-    if tied:
-        x = jnp.asarray(rng.choice((-1.25, 0.5, 1.0, 2.0), size=(tokens, 256)), dtype)
-    else:
-        x = _logits(rng, tokens, 256, dtype)
-    bias = jnp.asarray(rng.choice((-0.25, 0.0, 0.25), size=256), jnp.float32)
-    routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-2, expert_bias=bias, **DSV3)
-    plain = jax_moe.route(x, 8, expert_bias=bias, **DSV3)
-    np.testing.assert_array_equal(routing.indices, plain.indices)
-    np.testing.assert_allclose(routing.weights, plain.weights, rtol=1e-6, atol=1e-7)
-    ref_loss, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "sigmoid", 1e-2)
-    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
-    config = jax_moe.routing._route_config(256, 8, "sigmoid", 8, 4, None, False, None, None, 2.5)
-    sigmoid = jax_moe.routing.checks.score_function("sigmoid")
-    counts = jax_moe.routing.route_aux_fwd_p.bind(x, bias, **config._asdict(), aux_topk=8,
-                                                  aux_score_function=sigmoid)[3]
-    np.testing.assert_array_equal(counts, ref_counts)
+# DeepSeek-V3's config and Qwen3-MoE's router shape (128 experts, softmax, top 8) have fused kernels compiled
+# for them (routing_cuda.cu, kFixedRoute), at 32 lanes a token below 4096 tokens and 8 from there, where
+# DeepSeek-V3's selects on float values (select_on_floats). Tied logits (4 values) test the tie rule of their
+# counts, read from the primitive: in the loss, one count moved between tied experts changes too little to see.
+COMPILED_CONFIGS = {  # E, route kwargs, with a bias, _route_config's (num_groups, group_topk, scaling_factor)
+    "deepseek_v3": (256, DSV3, True, (8, 4, 2.5)),
+    "qwen3": (128, dict(score_function="softmax"), False, (None, None, 1.0)),
+}
 
 
-# Qwen3-MoE's router shape (128 experts, softmax, top 8) has fused kernels of its own too; its aux counts are
-# the top 8 of the softmax, checked exactly, tied logits included.
 @pytest.mark.parametrize("tokens", [203, 4099])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_qwen3_router(rng, dtype, tied, tokens):
+@pytest.mark.parametrize("name", COMPILED_CONFIGS)
+def test_compiled_config_counts(rng, name, dtype, tied, tokens):
+    experts, kwargs, with_bias, (groups, group_topk, scaling) = COMPILED_CONFIGS[name]
+    score_function = kwargs["score_function"]
     if tied:
-        x = jnp.asarray(rng.choice((-1.25, 0.5, 1.0, 2.0), size=(tokens, 128)), dtype)
+        x = jnp.asarray(rng.choice((-1.25, 0.5, 1.0, 2.0), size=(tokens, experts)), dtype)
     else:
-        x = _logits(rng, tokens, 128, dtype)
-    routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-2, score_function="softmax")
-    plain = jax_moe.route(x, 8, score_function="softmax")
+        x = _logits(rng, tokens, experts, dtype)
+    bias = jnp.asarray(rng.choice((-0.25, 0.0, 0.25), size=experts), jnp.float32) if with_bias else None
+    routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-2, expert_bias=bias, **kwargs)
+    plain = jax_moe.route(x, 8, expert_bias=bias, **kwargs)
     np.testing.assert_array_equal(routing.indices, plain.indices)
     np.testing.assert_allclose(routing.weights, plain.weights, rtol=1e-6, atol=1e-7)
-    ref_loss, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "softmax", 1e-2)
+    ref_loss, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, score_function, 1e-2)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
-    config = jax_moe.routing._route_config(128, 8, "softmax", None, None, None, False, None, None, 1.0)
-    softmax = jax_moe.routing.checks.score_function("softmax")
-    no_bias = jnp.zeros((0,), jnp.float32)
-    counts = jax_moe.routing.route_aux_fwd_p.bind(x, no_bias, **config._asdict(), aux_topk=8,
-                                                  aux_score_function=softmax)[3]
+    config = jax_moe.routing._route_config(experts, 8, score_function, groups, group_topk, None, False, None, None,
+                                           scaling)
+    counts = jax_moe.routing.route_aux_fwd_p.bind(
+        x, jax_moe.routing._check_bias(bias, experts), **config._asdict(), aux_topk=8,
+        aux_score_function=jax_moe.routing.checks.score_function(score_function))[3]
     np.testing.assert_array_equal(counts, ref_counts)
 
 

@@ -347,40 +347,32 @@ def test_nan_and_inf_rows_with_groups_and_bias(rng, mode):
               **MODES[mode])
 
 
-# DeepSeek-V3's exact config runs kernels compiled for it (routing_cuda.cu, kDeepSeekV3Config), at 32 lanes a
-# token below MANY_TOKENS and 8 from there: tied logits with a bias of three values (so that z ties too),
+# DeepSeek-V3's exact config and Qwen3-MoE's router shape (128 experts, softmax, top 8, after the default
+# post-softmax) run kernels compiled for them (routing_cuda.cu, kFixedRoute), at 32 lanes a token below
+# MANY_TOKENS and 8 from there: tied logits with a bias of three values (so that z ties too) and without,
 # and NaN / infinite rows, in every logits dtype at both.
-@pytest.mark.parametrize("tokens", [203, MANY_TOKENS])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_deepseek_v3_ties_and_non_finite_rows(rng, dtype, tokens):
-  logits = np.asarray(tied_logits(rng, (tokens, DEEPSEEK_V3_E)), np.float64)
-  bias = rng.choice((-0.25, 0.0, 0.25), size=DEEPSEEK_V3_E)
-  z = np.sort(1 / (1 + np.exp(-logits)) + bias, -1)[:, ::-1]
-  assert (z[:, DEEPSEEK_V3_K - 1] == z[:, DEEPSEEK_V3_K]).any()
-  rows = rng.choice(tokens, 40, replace=False)
-  special = non_finite_rows(rng, DEEPSEEK_V3_E)
-  logits[rows] = special[np.arange(40) % len(special)]
-  check_route(jnp.asarray(logits, DTYPES[dtype]), DEEPSEEK_V3_K, expert_bias=jnp.asarray(bias, F32), **DEEPSEEK_V3)
-
-
-# Qwen3-MoE's router shape (128 experts, softmax, top 8, after the default post-softmax) runs kernels compiled
-# for it too (kSoftmax128Top8Config), with a bias or none: the same ties and non-finite rows, and gradients.
 QWEN3_E, QWEN3_K = 128, 8
+COMPILED_CONFIGS = {  # E, topk, config, the selection score of a logit (before the bias)
+    "deepseek_v3": (DEEPSEEK_V3_E, DEEPSEEK_V3_K, DEEPSEEK_V3, lambda x: 1 / (1 + np.exp(-x))),
+    "qwen3": (QWEN3_E, QWEN3_K, MODES["softmax_post"], lambda x: x),
+}
 
 
 @pytest.mark.parametrize("tokens", [203, MANY_TOKENS])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_qwen3_router_ties_and_non_finite_rows(rng, dtype, tokens):
-  logits = np.asarray(tied_logits(rng, (tokens, QWEN3_E)), np.float64)
-  bias = rng.choice((-0.25, 0.0, 0.25), size=QWEN3_E)
-  z = np.sort(logits + bias, -1)[:, ::-1]
-  assert (z[:, QWEN3_K - 1] == z[:, QWEN3_K]).any()
+@pytest.mark.parametrize("name", COMPILED_CONFIGS)
+def test_compiled_config_ties_and_non_finite_rows(rng, name, dtype, tokens):
+  experts, topk, config, score = COMPILED_CONFIGS[name]
+  logits = np.asarray(tied_logits(rng, (tokens, experts)), np.float64)
+  bias = rng.choice((-0.25, 0.0, 0.25), size=experts)
+  z = np.sort(score(logits) + bias, -1)[:, ::-1]
+  assert (z[:, topk - 1] == z[:, topk]).any()
   rows = rng.choice(tokens, 40, replace=False)
-  special = non_finite_rows(rng, QWEN3_E)
+  special = non_finite_rows(rng, experts)
   logits[rows] = special[np.arange(40) % len(special)]
   x = jnp.asarray(logits, DTYPES[dtype])
-  check_route(x, QWEN3_K, expert_bias=jnp.asarray(bias, F32), **MODES["softmax_post"])
-  check_route(x, QWEN3_K, **MODES["softmax_post"])
+  check_route(x, topk, expert_bias=jnp.asarray(bias, F32), **config)
+  check_route(x, topk, **config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
