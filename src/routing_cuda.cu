@@ -1123,18 +1123,18 @@ struct SegmentLayout {
   int S = 0, V = 0, lpg = 0;
 };
 
-// S lanes of V experts a token, for rows of E <= 1024 experts.
-SegmentLayout segment_lanes(int64_t E, int64_t tokens) {
-  const int S = E <= 256 && tokens >= kWideTokens ? 8 : 32;
+// S lanes of V experts a token, for rows of E <= 1024 experts: 8 lanes from wide_tokens tokens on.
+SegmentLayout segment_lanes(int64_t E, int64_t tokens, int64_t wide_tokens) {
+  const int S = E <= 256 && tokens >= wide_tokens ? 8 : 32;
   int V = 4;
   while (S * V < E) V *= 2;
   return {S, V, 0};
 }
 
-SegmentLayout segment_layout(const RouteConfig& c, int64_t aux_topk, int64_t tokens) {
+SegmentLayout segment_layout(const RouteConfig& c, int64_t aux_topk, int64_t tokens, int64_t wide_tokens) {
   const int64_t E = c.num_experts;
   if (E > 1024 || c.topk > kMaxSegmentTopk || aux_topk > kMaxSegmentTopk) return {};
-  SegmentLayout layout = segment_lanes(E, tokens);
+  SegmentLayout layout = segment_lanes(E, tokens, wide_tokens);
   if (c.num_groups == 0) return layout;
   const int64_t gs = c.group_size(), lpg = gs / layout.V;
   if (E != layout.S * layout.V || gs % layout.V || (lpg & (lpg - 1)) || c.group_score_topn > 2) return {};
@@ -1249,6 +1249,18 @@ Fixed fixed_config(const RouteConfig& c, const AuxConfig* aux) {
   return Fixed::kNone;
 }
 
+// From how many tokens on the segment kernels take 8 lanes a token. DeepSeek-V3's routing kernel keeps a warp a
+// token while its tokens fit the warps of four blocks an SM (route_segment_kernel's launch bounds; 4224 on an
+// H100): at 8 lanes its rows of 32 experts a lane make a long chain, which so few warps an SM cannot hide. H100,
+// bf16 (RESULTS.md, session 15): T = 4096 5.63 -> 4.93 us; at 2048 and 8192 the layout was already the faster one.
+// Softmax over 128 experts is faster at 8 lanes from 4096 tokens (3.55 against 3.98 us): the other configs keep
+// kWideTokens.
+int64_t wide_tokens(const DeviceLimits& dev, Fixed fixed, bool aux) {
+  if (fixed != Fixed::kDeepSeekV3 || aux) return kWideTokens;
+  const int64_t warps = int64_t(dev.sm_count) * 4 * kWarpsPerBlock;
+  return std::max(kWideTokens, warps + 1);
+}
+
 template <class In, bool kAux>
 ffi::Error route_fwd_typed(const Launch& l, const RouteConfig& c, const void* x, BiasLoader bias, int64_t T, float* w,
                            int32_t* idx) {
@@ -1257,9 +1269,9 @@ ffi::Error route_fwd_typed(const Launch& l, const RouteConfig& c, const void* x,
                        [&]<int V>() { launch_thread<In, V, kAux>(l, c, x, bias, T, w, idx); });
     return launch_status("route forward (thread per token)");
   }
-  const SegmentLayout layout = segment_layout(c, kAux ? l.aux->cfg.topk : 0, T);
+  const Fixed fixed = fixed_config(c, kAux ? &l.aux->cfg : nullptr);
+  const SegmentLayout layout = segment_layout(c, kAux ? l.aux->cfg.topk : 0, T, wide_tokens(l.dev, fixed, kAux));
   if (layout.S) {
-    const Fixed fixed = fixed_config(c, kAux ? &l.aux->cfg : nullptr);
     dispatch_segment_layout(layout, [&]<int S, int V>() {
       if constexpr (S * V == kDeepSeekV3Config.num_experts)
         if (fixed == Fixed::kDeepSeekV3)
@@ -1444,7 +1456,7 @@ ffi::Error aux_scores_segments(cudaStream_t stream, int32_t device, Dtype dtype,
                                const void* logits, int64_t T, int64_t E, float* scores, int* counts) {
   const int sm_count = device_limits(device).sm_count;
   return dispatch_float(dtype, [&]<class In>() {
-    dispatch_segment_layout(segment_lanes(E, T), [&]<int S, int V>() {
+    dispatch_segment_layout(segment_lanes(E, T, kWideTokens), [&]<int S, int V>() {
       constexpr size_t smem = segment_smem_bytes<S, V, false>();
       constexpr auto kernel = aux_scores_segment_kernel<In, S, V>;
       const int resident = resident_segment_blocks<kernel>(smem);  // one resident wave at most

@@ -258,13 +258,17 @@ def test_exact_ties_with_bias(rng):
 
 
 # From 4096 tokens on, the CUDA forward routes four tokens per warp and picks its top-k threshold
-# another way (routing_cuda.cu, kWideTokens): the results must not change.
+# another way (routing_cuda.cu, kWideTokens): the results must not change. DeepSeek-V3's compiled-in
+# kernel keeps a warp a token up to 32 warps an SM (wide_tokens: 4224 tokens on an H100), so its
+# four-token layout needs more tokens, enough for GPUs of up to 256 SMs.
 MANY_TOKENS = 4099
+DEEPSEEK_V3_MANY_TOKENS = 8195
 
 
+@pytest.mark.parametrize("tokens", [MANY_TOKENS, DEEPSEEK_V3_MANY_TOKENS])
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
-def test_many_tokens_deepseek_v3(rng, dtype):
-  logits = random_logits(rng, (MANY_TOKENS, DEEPSEEK_V3_E), DTYPES[dtype])
+def test_many_tokens_deepseek_v3(rng, dtype, tokens):
+  logits = random_logits(rng, (tokens, DEEPSEEK_V3_E), DTYPES[dtype])
   check_route(logits, DEEPSEEK_V3_K, expert_bias=random_bias(rng, DEEPSEEK_V3_E, "sigmoid"), **DEEPSEEK_V3)
 
 
@@ -348,21 +352,23 @@ def test_nan_and_inf_rows_with_groups_and_bias(rng, mode):
 
 
 # DeepSeek-V3's exact config and Qwen3-MoE's router shape (128 experts, softmax, top 8, after the default
-# post-softmax) run kernels compiled for them (routing_cuda.cu, kFixedRoute), at 32 lanes a token below
-# MANY_TOKENS and 8 from there: tied logits with a bias of three values (so that z ties too) and without,
-# and NaN / infinite rows, in every logits dtype at both.
+# post-softmax) run kernels compiled for them (routing_cuda.cu, kFixedRoute), at 32 lanes a token for few
+# tokens and 8 for many (DeepSeek-V3 from more tokens than Qwen3, see above): tied logits with a bias of
+# three values (so that z ties too) and without, and NaN / infinite rows, in every logits dtype at both.
 QWEN3_E, QWEN3_K = 128, 8
-COMPILED_CONFIGS = {  # E, topk, config, the selection score of a logit (before the bias)
-    "deepseek_v3": (DEEPSEEK_V3_E, DEEPSEEK_V3_K, DEEPSEEK_V3, lambda x: 1 / (1 + np.exp(-x))),
-    "qwen3": (QWEN3_E, QWEN3_K, MODES["softmax_post"], lambda x: x),
+COMPILED_CONFIGS = {  # E, topk, config, the selection score of a logit (before the bias), many tokens
+    "deepseek_v3": (DEEPSEEK_V3_E, DEEPSEEK_V3_K, DEEPSEEK_V3, lambda x: 1 / (1 + np.exp(-x)),
+                    DEEPSEEK_V3_MANY_TOKENS),
+    "qwen3": (QWEN3_E, QWEN3_K, MODES["softmax_post"], lambda x: x, MANY_TOKENS),
 }
 
 
-@pytest.mark.parametrize("tokens", [203, MANY_TOKENS])
+@pytest.mark.parametrize("many", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", COMPILED_CONFIGS)
-def test_compiled_config_ties_and_non_finite_rows(rng, name, dtype, tokens):
-  experts, topk, config, score = COMPILED_CONFIGS[name]
+def test_compiled_config_ties_and_non_finite_rows(rng, name, dtype, many):
+  experts, topk, config, score, many_tokens = COMPILED_CONFIGS[name]
+  tokens = many_tokens if many else 203
   logits = np.asarray(tied_logits(rng, (tokens, experts)), np.float64)
   bias = rng.choice((-0.25, 0.0, 0.25), size=experts)
   z = np.sort(score(logits) + bias, -1)[:, ::-1]
