@@ -1250,15 +1250,16 @@ Fixed fixed_config(const RouteConfig& c, const AuxConfig* aux) {
 }
 
 // From how many tokens on the segment kernels take 8 lanes a token. DeepSeek-V3's routing kernel keeps a warp a
-// token while its tokens fit the warps of four blocks an SM (route_segment_kernel's launch bounds; 4224 on an
-// H100): at 8 lanes its rows of 32 experts a lane make a long chain, which so few warps an SM cannot hide. H100,
-// bf16 (RESULTS.md, session 15): T = 4096 5.63 -> 4.93 us; at 2048 and 8192 the layout was already the faster one.
-// Softmax over 128 experts is faster at 8 lanes from 4096 tokens (3.55 against 3.98 us): the other configs keep
-// kWideTokens.
+// token up to 48 tokens an SM (6336 on an H100, one resident wave of its 16-bit kernel): at 8 lanes its rows of 32
+// experts a lane make a long chain, which few warps an SM cannot hide. H100, 8 against 32 lanes (RESULTS.md,
+// session 15): bf16 T = 4096 5.63 / 4.93 us, 6144 6.95 / 6.24, 7168 7.12 / 7.27; f32 T = 4096 6.32 / 5.54, 6144
+// 8.33 / 7.20, 8192 8.62 / 8.78. Softmax over 128 experts is faster at 8 lanes from 4096 tokens (3.55 against
+// 3.98 us), and so is route_with_aux_loss's DeepSeek-V3 kernel (16.0 against 17.1): those keep kWideTokens.
+constexpr int64_t kDeepSeekV3TokensPerSM = 48;
+
 int64_t wide_tokens(const DeviceLimits& dev, Fixed fixed, bool aux) {
-  if (fixed != Fixed::kDeepSeekV3 || aux) return kWideTokens;
-  const int64_t warps = int64_t(dev.sm_count) * 4 * kWarpsPerBlock;
-  return std::max(kWideTokens, warps + 1);
+  if (aux || fixed != Fixed::kDeepSeekV3) return kWideTokens;
+  return std::max(kWideTokens, kDeepSeekV3TokensPerSM * dev.sm_count + 1);
 }
 
 template <class In, bool kAux>

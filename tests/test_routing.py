@@ -259,8 +259,8 @@ def test_exact_ties_with_bias(rng):
 
 # From 4096 tokens on, the CUDA forward routes four tokens per warp and picks its top-k threshold
 # another way (routing_cuda.cu, kWideTokens): the results must not change. DeepSeek-V3's compiled-in
-# kernel keeps a warp a token up to 32 warps an SM (wide_tokens: 4224 tokens on an H100), so its
-# four-token layout needs more tokens, enough for GPUs of up to 256 SMs.
+# kernel keeps a warp a token up to 48 tokens an SM (wide_tokens: 6336 tokens on an H100 or H200), so
+# its four-token layout needs more tokens.
 MANY_TOKENS = 4099
 DEEPSEEK_V3_MANY_TOKENS = 8195
 
