@@ -196,6 +196,39 @@ struct StoredRow {
   }
 };
 
+// A warp's rows where each is 512 bytes and a lane's run is 4 pieces of 16 bytes (8 lanes a token, 16-bit E = 256).
+// A lane's own 16-byte loads of its run touch 16 lines a warp load, half of each sector; here warp load r reads row r
+// whole (512 contiguous bytes), and the pieces reach the lanes' runs through the warp's scratch. For the kernels
+// whose warps route a single set of tokens (route_segment_kernel's kOneSet): DeepSeek-V3 bf16 T = 16384 10.30 ->
+// 9.99 us, T = 12288 8.96 -> 8.66 (H100; ncu: 634 k -> 372 k L1 sectors loaded). In the kernel that loops over
+// sets the same loads made T = 65536 6% slower, and so did a branch between the two kinds of load there; issued
+// before the bias is staged, they made T = 16384 11% slower (RESULTS.md, session 16).
+template <class In, int S, int V>
+constexpr bool kCoalescedRows = S == 8 && V * sizeof(typename In::storage) == 64;
+
+// Piece p of row r sits at [r][p / 8][(p + p / 8) % 8] of the scratch: the stores (lane p of every row) and the
+// reads (segment lane sl: pieces 4 sl + j) each hit 8 distinct 16-byte bank slots.
+__device__ int coalesced_slot(int r, int p) { return r * 32 + p / 8 * 8 + (p + p / 8) % 8; }
+
+// This lane's V logits of its segment's row t0 + segment (a copy of the last row past T, as the segment loop
+// routes), through scratch: the warp's, 2 KB, free until the selection.
+template <class In, int S, int V>
+__device__ void load_rows_coalesced(const SegmentLanes<S>& g, const typename In::storage* x, int64_t t0, int64_t T,
+                                    int E, uint4* scratch, float (&xv)[V]) {
+  static_assert(kCoalescedRows<In, S, V>);
+  using St = typename In::storage;
+#pragma unroll
+  for (int r = 0; r < 32 / S; ++r)
+    scratch[coalesced_slot(r, g.lane)] = __ldg(reinterpret_cast<const uint4*>(x + min(t0 + r, T - 1) * E) + g.lane);
+  __syncwarp();
+  alignas(16) St v[V];
+#pragma unroll
+  for (int j = 0; j < V * int(sizeof(St)) / 16; ++j)
+    reinterpret_cast<uint4*>(v)[j] = scratch[coalesced_slot(g.segment(), 4 * g.sl + j)];
+#pragma unroll
+  for (int i = 0; i < V; ++i) xv[i] = In::to_float(v[i]);
+}
+
 // This lane's V logits as float, -inf past the row's end (which every score maps to 0).
 template <class In, int S, int V, Spread P = Spread::kRun>
 __device__ void load_segment_row(const SegmentLanes<S>& g, const typename In::storage* row, int E, float (&x)[V]) {
@@ -697,7 +730,9 @@ constexpr size_t segment_smem_bytes() {
 
 // Register cap 64, four blocks an SM (sm_90a, nvcc 13.0): with 32 experts a lane, the 16-bit routing kernels
 // spill a few words (20 bytes of stores, DeepSeek-V3's 16), the aux variants up to 60.
-template <class In, int S, int V, bool kAux, Fixed kFixed>
+// kOneSet: the grid covers T at once, so each warp routes a single set of tokens, whose rows it loads with
+// load_rows_coalesced.
+template <class In, int S, int V, bool kAux, Fixed kFixed, bool kOneSet = false>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_segment_kernel(RouteConfig config, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
                          int lpg_arg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
@@ -739,7 +774,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     const bool valid = t < T;
     const int64_t row = valid ? t : T - 1;  // segments past T route a copy of the last token
     float xv[V];
-    if constexpr (kRowsAhead)
+    if constexpr (kOneSet)
+      load_rows_coalesced<In, S, V>(g, x, t0, T, E, &s.key[0][0], xv);
+    else if constexpr (kRowsAhead)
       stored.to_floats(xv);
     else
       load_segment_row<In, S, V>(g, x + row * E, E, xv);
@@ -1188,6 +1225,16 @@ void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLo
                     float* w, int32_t* idx) {
   constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
   static_assert(smem <= 112 * 1024, "the segment path needs two blocks an SM at least");
+  // DeepSeek-V3's 16-bit routing kernel has a twin for grids of one set of tokens a warp (load_rows_coalesced).
+  if constexpr (kFixed == Fixed::kDeepSeekV3 && !kAux && kCoalescedRows<In, S, V>) {
+    constexpr auto one_set = route_segment_kernel<In, S, V, kAux, kFixed, true>;
+    const unsigned grid = l.grid(T, kWarpsPerBlock * 32 / S);
+    if (grid <= unsigned(resident_segment_blocks<one_set>(smem) * l.dev.sm_count)) {
+      one_set<<<grid, kWarpsPerBlock * 32, smem, l.stream>>>(c, static_cast<const typename In::storage*>(x), bias, T,
+                                                             lpg, w, idx, AuxArgs{});
+      return;
+    }
+  }
   constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kFixed>;
   const int resident = resident_segment_blocks<kernel>(smem);
   // At most one resident wave; the aux variant's grid is capped by its workspace's block count instead.

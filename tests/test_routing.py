@@ -260,12 +260,14 @@ def test_exact_ties_with_bias(rng):
 # From 4096 tokens on, the CUDA forward routes four tokens per warp and picks its top-k threshold
 # another way (routing_cuda.cu, kWideTokens): the results must not change. DeepSeek-V3's compiled-in
 # kernel keeps a warp a token up to 48 tokens an SM (wide_tokens: 6336 tokens on an H100 or H200), so
-# its four-token layout needs more tokens.
+# its four-token layout needs more tokens; up to one resident wave (16896 tokens on an H100) a kernel of
+# its own routes them, each warp one set of four (kOneSet), and past that the warps loop over sets.
 MANY_TOKENS = 4099
 DEEPSEEK_V3_MANY_TOKENS = 8195
+DEEPSEEK_V3_LOOPING_TOKENS = 20003
 
 
-@pytest.mark.parametrize("tokens", [MANY_TOKENS, DEEPSEEK_V3_MANY_TOKENS])
+@pytest.mark.parametrize("tokens", [MANY_TOKENS, DEEPSEEK_V3_MANY_TOKENS, DEEPSEEK_V3_LOOPING_TOKENS])
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_many_tokens_deepseek_v3(rng, dtype, tokens):
   logits = random_logits(rng, (tokens, DEEPSEEK_V3_E), DTYPES[dtype])
@@ -358,7 +360,7 @@ def test_nan_and_inf_rows_with_groups_and_bias(rng, mode):
 QWEN3_E, QWEN3_K = 128, 8
 COMPILED_CONFIGS = {  # E, topk, config, the selection score of a logit (before the bias), many tokens
     "deepseek_v3": (DEEPSEEK_V3_E, DEEPSEEK_V3_K, DEEPSEEK_V3, lambda x: 1 / (1 + np.exp(-x)),
-                    DEEPSEEK_V3_MANY_TOKENS),
+                    DEEPSEEK_V3_LOOPING_TOKENS),
     "qwen3": (QWEN3_E, QWEN3_K, MODES["softmax_post"], lambda x: x, MANY_TOKENS),
 }
 
