@@ -356,21 +356,21 @@ def test_nan_and_inf_rows_with_groups_and_bias(rng, mode):
 # DeepSeek-V3's exact config and Qwen3-MoE's router shape (128 experts, softmax, top 8, after the default
 # post-softmax) run kernels compiled for them (routing_cuda.cu, kFixedRoute), at 32 lanes a token for few
 # tokens and 8 for many (DeepSeek-V3 from more tokens than Qwen3, see above): tied logits with a bias of
-# three values (so that z ties too) and without, and NaN / infinite rows, in every logits dtype at both.
+# three values (so that z ties too) and without, and NaN / infinite rows, in every logits dtype at each
+# layout (DeepSeek-V3's 16-bit rows: one set of four tokens a warp, and looping warps).
 QWEN3_E, QWEN3_K = 128, 8
-COMPILED_CONFIGS = {  # E, topk, config, the selection score of a logit (before the bias), many tokens
+COMPILED_CONFIGS = {  # E, topk, config, the selection score of a logit (before the bias), token counts
     "deepseek_v3": (DEEPSEEK_V3_E, DEEPSEEK_V3_K, DEEPSEEK_V3, lambda x: 1 / (1 + np.exp(-x)),
-                    DEEPSEEK_V3_LOOPING_TOKENS),
-    "qwen3": (QWEN3_E, QWEN3_K, MODES["softmax_post"], lambda x: x, MANY_TOKENS),
+                    (203, DEEPSEEK_V3_MANY_TOKENS, DEEPSEEK_V3_LOOPING_TOKENS)),
+    "qwen3": (QWEN3_E, QWEN3_K, MODES["softmax_post"], lambda x: x, (203, MANY_TOKENS)),
 }
+COMPILED_CONFIG_CASES = [(name, tokens) for name, c in COMPILED_CONFIGS.items() for tokens in c[4]]
 
 
-@pytest.mark.parametrize("many", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", COMPILED_CONFIGS)
-def test_compiled_config_ties_and_non_finite_rows(rng, name, dtype, many):
-  experts, topk, config, score, many_tokens = COMPILED_CONFIGS[name]
-  tokens = many_tokens if many else 203
+@pytest.mark.parametrize("name,tokens", COMPILED_CONFIG_CASES)
+def test_compiled_config_ties_and_non_finite_rows(rng, name, tokens, dtype):
+  experts, topk, config, score, _ = COMPILED_CONFIGS[name]
   logits = np.asarray(tied_logits(rng, (tokens, experts)), np.float64)
   bias = rng.choice((-0.25, 0.0, 0.25), size=experts)
   z = np.sort(score(logits) + bias, -1)[:, ::-1]
