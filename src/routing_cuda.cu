@@ -1225,23 +1225,20 @@ void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLo
                     float* w, int32_t* idx) {
   constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
   static_assert(smem <= 112 * 1024, "the segment path needs two blocks an SM at least");
+  const auto launch = [&](auto kernel, unsigned grid) {
+    kernel<<<grid, kWarpsPerBlock * 32, smem, l.stream>>>(c, static_cast<const typename In::storage*>(x), bias, T, lpg,
+                                                          w, idx, kAux ? *l.aux : AuxArgs{});
+  };
+  const unsigned grid = l.grid(T, kWarpsPerBlock * 32 / S);
   // DeepSeek-V3's 16-bit routing kernel has a twin for grids of one set of tokens a warp (load_rows_coalesced).
   if constexpr (kFixed == Fixed::kDeepSeekV3 && !kAux && kCoalescedRows<In, S, V>) {
     constexpr auto one_set = route_segment_kernel<In, S, V, kAux, kFixed, true>;
-    const unsigned grid = l.grid(T, kWarpsPerBlock * 32 / S);
-    if (grid <= unsigned(resident_segment_blocks<one_set>(smem) * l.dev.sm_count)) {
-      one_set<<<grid, kWarpsPerBlock * 32, smem, l.stream>>>(c, static_cast<const typename In::storage*>(x), bias, T,
-                                                             lpg, w, idx, AuxArgs{});
-      return;
-    }
+    if (grid <= unsigned(resident_segment_blocks<one_set>(smem) * l.dev.sm_count)) return launch(one_set, grid);
   }
   constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kFixed>;
   const int resident = resident_segment_blocks<kernel>(smem);
   // At most one resident wave; the aux variant's grid is capped by its workspace's block count instead.
-  unsigned grid = l.grid(T, kWarpsPerBlock * 32 / S);
-  if (!kAux) grid = std::min(grid, unsigned(resident * l.dev.sm_count));
-  kernel<<<grid, kWarpsPerBlock * 32, smem, l.stream>>>(c, static_cast<const typename In::storage*>(x), bias, T, lpg,
-                                                        w, idx, kAux ? *l.aux : AuxArgs{});
+  launch(kernel, kAux ? grid : std::min(grid, unsigned(resident * l.dev.sm_count)));
 }
 
 // Calls f.template operator()<V>() for V in {1, 2, 4, ..., 32}.
