@@ -15,6 +15,7 @@
 // the fused aux backward for E <= 256 keeps each row in registers between its two walks.
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <string>
 #include <type_traits>
 
@@ -198,11 +199,12 @@ struct StoredRow {
 
 // A warp's rows where each is 512 bytes and a lane's run is 4 pieces of 16 bytes (8 lanes a token, 16-bit E = 256).
 // A lane's own 16-byte loads of its run touch 16 lines a warp load, half of each sector; here warp load r reads row r
-// whole (512 contiguous bytes), and the pieces reach the lanes' runs through the warp's scratch. For the kernels
-// whose warps route a single set of tokens (route_segment_kernel's kOneSet): DeepSeek-V3 bf16 T = 16384 10.30 ->
-// 9.99 us, T = 12288 8.96 -> 8.66 (H100; ncu: 634 k -> 372 k L1 sectors loaded). In the kernel that loops over
-// sets the same loads made T = 65536 6% slower, and so did a branch between the two kinds of load there; issued
-// before the bias is staged, they made T = 16384 11% slower (RESULTS.md, session 16).
+// whole (512 contiguous bytes), and the pieces reach the lanes' runs through the warp's scratch (ncu, DeepSeek-V3
+// T = 16384: 634 k -> 372 k L1 sectors loaded). DeepSeek-V3's 16-bit routing kernel loads its rows so
+// (route_segment_kernel's kWholeRows) and takes a block per 32 tokens, one set of 4 a warp: T = 16384 10.30 -> 9.95
+// us, 65536 31.3 -> 28.0 (H100, RESULTS.md, session 16). In the kernel that loops over sets on one resident wave the
+// same loads made T = 65536 6% slower, and so did a branch between the two kinds of load there; issued before the
+// bias is staged, they made T = 16384 11% slower.
 template <class In, int S, int V>
 constexpr bool kCoalescedRows = S == 8 && V * sizeof(typename In::storage) == 64;
 
@@ -217,6 +219,7 @@ __device__ void load_rows_coalesced(const SegmentLanes<S>& g, const typename In:
                                     int E, uint4* scratch, float (&xv)[V]) {
   static_assert(kCoalescedRows<In, S, V>);
   using St = typename In::storage;
+  __syncwarp();  // a warp that loops: its previous set's selection may still read the scratch
 #pragma unroll
   for (int r = 0; r < 32 / S; ++r)
     scratch[coalesced_slot(r, g.lane)] = __ldg(reinterpret_cast<const uint4*>(x + min(t0 + r, T - 1) * E) + g.lane);
@@ -730,9 +733,8 @@ constexpr size_t segment_smem_bytes() {
 
 // Register cap 64, four blocks an SM (sm_90a, nvcc 13.0): with 32 experts a lane, the 16-bit routing kernels
 // spill a few words (20 bytes of stores, DeepSeek-V3's 16), the aux variants up to 60.
-// kOneSet: the grid covers T at once, so each warp routes a single set of tokens, whose rows it loads with
-// load_rows_coalesced.
-template <class In, int S, int V, bool kAux, Fixed kFixed, bool kOneSet = false>
+// kWholeRows: rows loaded with load_rows_coalesced.
+template <class In, int S, int V, bool kAux, Fixed kFixed, bool kWholeRows = false>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_segment_kernel(RouteConfig config, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
                          int lpg_arg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
@@ -774,7 +776,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     const bool valid = t < T;
     const int64_t row = valid ? t : T - 1;  // segments past T route a copy of the last token
     float xv[V];
-    if constexpr (kOneSet)
+    if constexpr (kWholeRows)
       load_rows_coalesced<In, S, V>(g, x, t0, T, E, &s.key[0][0], xv);
     else if constexpr (kRowsAhead)
       stored.to_floats(xv);
@@ -1229,16 +1231,20 @@ void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLo
     kernel<<<grid, kWarpsPerBlock * 32, smem, l.stream>>>(c, static_cast<const typename In::storage*>(x), bias, T, lpg,
                                                           w, idx, kAux ? *l.aux : AuxArgs{});
   };
-  const unsigned grid = l.grid(T, kWarpsPerBlock * 32 / S);
-  // DeepSeek-V3's 16-bit routing kernel has a twin for grids of one set of tokens a warp (load_rows_coalesced).
+  constexpr int kTokensPerBlock = kWarpsPerBlock * 32 / S;
+  // DeepSeek-V3's 16-bit routing kernel loads rows whole and takes a block per set of tokens a warp, where the others
+  // keep one resident wave (load_rows_coalesced has the numbers). Past INT_MAX blocks its warps loop.
   if constexpr (kFixed == Fixed::kDeepSeekV3 && !kAux && kCoalescedRows<In, S, V>) {
-    constexpr auto one_set = route_segment_kernel<In, S, V, kAux, kFixed, true>;
-    if (grid <= unsigned(resident_segment_blocks<one_set>(smem) * l.dev.sm_count)) return launch(one_set, grid);
+    constexpr auto whole_rows = route_segment_kernel<In, S, V, kAux, kFixed, true>;
+    resident_segment_blocks<whole_rows>(smem);  // opts in to the shared memory
+    launch(whole_rows, unsigned(std::min<int64_t>((T + kTokensPerBlock - 1) / kTokensPerBlock, INT_MAX)));
+  } else {
+    const unsigned grid = l.grid(T, kTokensPerBlock);
+    constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kFixed>;
+    const int resident = resident_segment_blocks<kernel>(smem);
+    // At most one resident wave; the aux variant's grid is capped by its workspace's block count instead.
+    launch(kernel, kAux ? grid : std::min(grid, unsigned(resident * l.dev.sm_count)));
   }
-  constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kFixed>;
-  const int resident = resident_segment_blocks<kernel>(smem);
-  // At most one resident wave; the aux variant's grid is capped by its workspace's block count instead.
-  launch(kernel, kAux ? grid : std::min(grid, unsigned(resident * l.dev.sm_count)));
 }
 
 // Calls f.template operator()<V>() for V in {1, 2, 4, ..., 32}.

@@ -260,8 +260,9 @@ def test_exact_ties_with_bias(rng):
 # From 4096 tokens on, the CUDA forward routes four tokens per warp and picks its top-k threshold
 # another way (routing_cuda.cu, kWideTokens): the results must not change. DeepSeek-V3's compiled-in
 # kernel keeps a warp a token up to 48 tokens an SM (wide_tokens: 6336 tokens on an H100 or H200), so
-# its four-token layout needs more tokens; up to one resident wave (16896 tokens on an H100) a kernel of
-# its own routes them, each warp one set of four (kOneSet), and past that the warps loop over sets.
+# its four-token layout needs more tokens. There its 16-bit kernel gives every warp one set of four tokens
+# (rows loaded whole, kWholeRows), in as many waves as it takes; its f32 kernel keeps one resident wave
+# (16896 tokens on an H100), past which the warps loop over sets.
 MANY_TOKENS = 4099
 DEEPSEEK_V3_MANY_TOKENS = 8195
 DEEPSEEK_V3_LOOPING_TOKENS = 20003
@@ -357,7 +358,7 @@ def test_nan_and_inf_rows_with_groups_and_bias(rng, mode):
 # post-softmax) run kernels compiled for them (routing_cuda.cu, kFixedRoute), at 32 lanes a token for few
 # tokens and 8 for many (DeepSeek-V3 from more tokens than Qwen3, see above): tied logits with a bias of
 # three values (so that z ties too) and without, and NaN / infinite rows, in every logits dtype at each
-# layout (DeepSeek-V3's 16-bit rows: one set of four tokens a warp, and looping warps).
+# layout (DeepSeek-V3: one wave and several; f32 rows in looping warps).
 QWEN3_E, QWEN3_K = 128, 8
 COMPILED_CONFIGS = {  # E, topk, config, the selection score of a logit (before the bias), token counts
     "deepseek_v3": (DEEPSEEK_V3_E, DEEPSEEK_V3_K, DEEPSEEK_V3, lambda x: 1 / (1 + np.exp(-x)),
