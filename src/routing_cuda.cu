@@ -197,41 +197,6 @@ struct StoredRow {
   }
 };
 
-// A warp's rows where each is 512 bytes and a lane's run is 4 pieces of 16 bytes (8 lanes a token, 16-bit E = 256).
-// A lane's own 16-byte loads of its run touch 16 lines a warp load, half of each sector; here warp load r reads row r
-// whole (512 contiguous bytes), and the pieces reach the lanes' runs through the warp's scratch (ncu, DeepSeek-V3
-// T = 16384: 634 k -> 372 k L1 sectors loaded). DeepSeek-V3's 16-bit routing kernel loads its rows so
-// (route_segment_kernel's kWholeRows) and takes a block per 32 tokens, one set of 4 a warp: T = 16384 10.30 -> 9.95
-// us, 65536 31.3 -> 28.0 (H100, RESULTS.md, session 16). In the kernel that loops over sets on one resident wave the
-// same loads made T = 65536 6% slower, and so did a branch between the two kinds of load there; issued before the
-// bias is staged, they made T = 16384 11% slower.
-template <class In, int S, int V>
-constexpr bool kCoalescedRows = S == 8 && V * sizeof(typename In::storage) == 64;
-
-// Piece p of row r sits at [r][p / 8][(p + p / 8) % 8] of the scratch: the stores (lane p of every row) and the
-// reads (segment lane sl: pieces 4 sl + j) each hit 8 distinct 16-byte bank slots.
-__device__ int coalesced_slot(int r, int p) { return r * 32 + p / 8 * 8 + (p + p / 8) % 8; }
-
-// This lane's V logits of its segment's row t0 + segment (a copy of the last row past T, as the segment loop
-// routes), through scratch: the warp's, 2 KB, free until the selection.
-template <class In, int S, int V>
-__device__ void load_rows_coalesced(const SegmentLanes<S>& g, const typename In::storage* x, int64_t t0, int64_t T,
-                                    int E, uint4* scratch, float (&xv)[V]) {
-  static_assert(kCoalescedRows<In, S, V>);
-  using St = typename In::storage;
-  __syncwarp();  // a warp that loops: its previous set's selection may still read the scratch
-#pragma unroll
-  for (int r = 0; r < 32 / S; ++r)
-    scratch[coalesced_slot(r, g.lane)] = __ldg(reinterpret_cast<const uint4*>(x + min(t0 + r, T - 1) * E) + g.lane);
-  __syncwarp();
-  alignas(16) St v[V];
-#pragma unroll
-  for (int j = 0; j < V * int(sizeof(St)) / 16; ++j)
-    reinterpret_cast<uint4*>(v)[j] = scratch[coalesced_slot(g.segment(), 4 * g.sl + j)];
-#pragma unroll
-  for (int i = 0; i < V; ++i) xv[i] = In::to_float(v[i]);
-}
-
 // This lane's V logits as float, -inf past the row's end (which every score maps to 0).
 template <class In, int S, int V, Spread P = Spread::kRun>
 __device__ void load_segment_row(const SegmentLanes<S>& g, const typename In::storage* row, int E, float (&x)[V]) {
@@ -733,8 +698,7 @@ constexpr size_t segment_smem_bytes() {
 
 // Register cap 64, four blocks an SM (sm_90a, nvcc 13.0): with 32 experts a lane, the 16-bit routing kernels
 // spill a few words (20 bytes of stores, DeepSeek-V3's 16), the aux variants up to 60.
-// kWholeRows: rows loaded with load_rows_coalesced.
-template <class In, int S, int V, bool kAux, Fixed kFixed, bool kWholeRows = false>
+template <class In, int S, int V, bool kAux, Fixed kFixed>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_segment_kernel(RouteConfig config, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
                          int lpg_arg, float* __restrict__ w, int32_t* __restrict__ idx, AuxArgs aux) {
@@ -776,9 +740,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     const bool valid = t < T;
     const int64_t row = valid ? t : T - 1;  // segments past T route a copy of the last token
     float xv[V];
-    if constexpr (kWholeRows)
-      load_rows_coalesced<In, S, V>(g, x, t0, T, E, &s.key[0][0], xv);
-    else if constexpr (kRowsAhead)
+    if constexpr (kRowsAhead)
       stored.to_floats(xv);
     else
       load_segment_row<In, S, V>(g, x + row * E, E, xv);
@@ -798,6 +760,229 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       aux.ws_colsum[int64_t(blockIdx.x) * E + e] = acc;
       aux.ws_counts[int64_t(blockIdx.x) * E + e] = counts[e];
     }
+  }
+}
+
+// ------------------------------------------------- DeepSeek-V3, 16-bit rows, 8 lanes a token
+// route_deepseek_v3_kernel: the segment path's layout (lane sl of a token's 8 holds group sl, 32 experts) with
+// the selection cut to what this config needs, for rows without NaN whose candidates fit 32-bit sort keys; a warp
+// where some token does not fit takes the segment path's exact code (route_set_exact). Against that code (ncu,
+// session 17: 1088 warp instructions a set of 4 tokens, bound by issue): NaN is found by the group top 2 (max.NaN)
+// instead of a test an element; the candidates' sort keys are 32-bit, the value's key relative to the threshold
+// above the expert, so that the sort of 16 takes a shuffle and a min/max a step; the rows' addresses are 32-bit
+// offsets; bf16 converts a word at a time.
+
+// A warp's 4 rows of 512 bytes as loaded: warp load r reads row r whole (512 contiguous bytes, where a lane's own
+// run of 64 bytes touches 16 lines a warp load, half of each sector: ncu, T = 16384, 634 k -> 372 k L1 sectors,
+// session 16). Lane l loads piece 4 (l % 8) + l / 8 of each row and stores it at [r][l]: segment lane sl then finds
+// its pieces 4 sl + j at [r][8 j + sl], and the lanes of a quarter warp store and read 8 distinct 16-byte bank
+// slots, at offsets that are constants from one address.
+__device__ int loaded_piece(int lane) { return 4 * (lane & 7) + lane / 8; }
+
+// Shared memory of a warp: the rows as loaded, then each lane's 32 selection values (a row of 36 floats a lane:
+// its 16-byte stores are free of bank conflicts), and each segment's candidates; or the exact path's scratch.
+struct DeepSeekV3Scratch {
+  union {
+    uint4 rows[4 * 32];
+    float sel[32][36];
+  };
+  uint32_t cand[4][32];
+};
+union DeepSeekV3WarpMemory {
+  DeepSeekV3Scratch lean;
+  SegmentScratch<8, 32> exact;
+};
+
+// Two 16-bit values of a word as floats: bf16 by a shift and a mask (the compiler's per-element form took a byte
+// permute and a shift for the high one).
+template <class In>
+__device__ void word_to_floats(uint32_t w, float& lo, float& hi) {
+  if constexpr (std::is_same_v<In, BF16>) {
+    lo = __uint_as_float(w << 16), hi = __uint_as_float(w & 0xffff0000u);
+  } else {
+    lo = In::to_float(uint16_t(w)), hi = In::to_float(uint16_t(w >> 16));
+  }
+}
+
+// This lane's 32 logits of row t0 + segment (a copy of the last row past T).
+template <class In>
+__device__ void load_set_rows(const SegmentLanes<8>& g, const typename In::storage* x, int64_t t0, int64_t T,
+                              uint4* rows, float (&xv)[32]) {
+  const uint4* first = reinterpret_cast<const uint4*>(x + t0 * 256) + loaded_piece(g.lane);
+  const int last = int(min(T - 1 - t0, int64_t(3)));
+  __syncwarp();  // a warp that loops: its previous set may still read the scratch
+#pragma unroll
+  for (int r = 0; r < 4; ++r) rows[32 * r + g.lane] = __ldg(first + min(r, last) * 32);
+  __syncwarp();
+  const uint4* mine = rows + 32 * g.segment() + g.sl;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint4 piece = mine[8 * j];
+    word_to_floats<In>(piece.x, xv[8 * j], xv[8 * j + 1]);
+    word_to_floats<In>(piece.y, xv[8 * j + 2], xv[8 * j + 3]);
+    word_to_floats<In>(piece.z, xv[8 * j + 4], xv[8 * j + 5]);
+    word_to_floats<In>(piece.w, xv[8 * j + 6], xv[8 * j + 7]);
+  }
+}
+
+// max and min that return NaN if either operand is NaN (fmaxf returns the other operand).
+__device__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ float min_nan(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// Sorts v over the segment's 8 lanes, descending (or ascending), by a bitonic network of 6 steps.
+template <bool kDescending>
+__device__ uint32_t sort8(const SegmentLanes<8>& g, uint32_t v) {
+#pragma unroll
+  for (int size = 2; size <= 8; size <<= 1)
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      const uint32_t other = __shfl_xor_sync(kFullMask, v, stride);
+      const bool keep_max = (((g.sl & stride) == 0) == ((g.sl & size) == 0)) == kDescending;
+      v = keep_max ? max(v, other) : min(v, other);
+    }
+  return v;
+}
+
+// The 8 largest of v[0, 16) (a segment's), descending in its lanes: A = v[0, 8) sorted descending and B = v[8, 16)
+// ascending give them as max(A[i], B[i]), a bitonic sequence, which 3 steps merge.
+__device__ uint32_t top8_of_16(const SegmentLanes<8>& g, const uint32_t* v) {
+  uint32_t best = max(sort8<true>(g, v[g.sl]), sort8<false>(g, v[8 + g.sl]));
+#pragma unroll
+  for (int stride = 4; stride > 0; stride >>= 1) {
+    const uint32_t other = __shfl_xor_sync(kFullMask, best, stride);
+    best = (g.sl & stride) == 0 ? max(best, other) : min(best, other);
+  }
+  return best;
+}
+
+// Routes the warp's 4 tokens, given sel (this lane's 32 sigmoid scores plus bias), unless some token of the warp
+// has a NaN score, more than 32 candidates or candidates too far apart for 32-bit keys: then it returns false,
+// having written nothing. The same selection as the segment path's on floats (select_on_floats): the 4 groups of
+// the best top-2 sums (ties: the lower group), the threshold tau = the least second best of those groups, and the
+// top 8 of their values >= tau (ties: the lower expert). Random DeepSeek-V3 rows have 11 candidates on average,
+// more than 16 in 4% of them: a warp with such a row sorts a second 16, where the exact path would hold up its
+// whole block.
+template <class In>
+__device__ bool route_set_lean(const SegmentLanes<8>& g, float scaling, const float (&sel)[32], DeepSeekV3Scratch& s,
+                               const typename In::storage* row, bool valid, float* w_out, int32_t* idx_out) {
+  float t1 = -INFINITY, t2 = -INFINITY;  // this group's best two; NaN if it holds a NaN
+#pragma unroll
+  for (int i = 0; i < 32; ++i) t2 = max_nan(t2, min_nan(t1, sel[i])), t1 = max_nan(t1, sel[i]);
+  const float score = t1 + t2;
+  // Group sl ^ o ranks before this one if its key is larger, or equal where sl ^ o < sl (which depends only on the
+  // highest bit of o): one comparison against a threshold per bit.
+  const uint32_t key = rank_key_unless_nan(score);
+  uint32_t beaten_by[3];
+#pragma unroll
+  for (int b = 0; b < 3; ++b) beaten_by[b] = g.sl & (1 << b) ? key - 1 : key;
+  int rank = 0;  // groups ranked before this one
+#pragma unroll
+  for (int o = 1; o < 8; ++o) rank += __shfl_xor_sync(kFullMask, key, o) > beaten_by[o >= 4 ? 2 : o >= 2 ? 1 : 0];
+  const bool kept = rank < kDeepSeekV3Config.group_topk;
+  float tau = kept ? t2 : INFINITY, top = kept ? t1 : -INFINITY;
+#pragma unroll
+  for (int off = 4; off; off >>= 1)
+    tau = fminf(tau, __shfl_xor_sync(kFullMask, tau, off)), top = fmaxf(top, __shfl_xor_sync(kFullMask, top, off));
+  // A candidate's key: its value's rank key above tau's, then 255 - expert; exact while the keys differ by < 2^24.
+  const uint32_t tau_key = rank_key_unless_nan(tau);
+  bool exact = score != score || rank_key_unless_nan(top) - tau_key >= (1u << 24);
+  const float cut = kept ? tau : NAN;  // nothing reaches NaN: dropped groups have no candidates
+  uint32_t mask = 0;
+#pragma unroll
+  for (int i = 0; i < 32; ++i)
+    if (sel[i] >= cut) mask |= 1u << i;
+  const int count = __popc(mask);
+  const int first = g.exclusive_sum(count);
+  const int total = g.shfl(first + count, 7);
+  exact |= total > 32;
+  if (__any_sync(kFullMask, exact)) return false;
+  const bool wide = __any_sync(kFullMask, total > 16);
+
+  uint32_t* cand = s.cand[g.segment()];
+  const uint32_t key_base = 255u - uint32_t(g.sl * 32) - tau_key * 256u;
+  const float* mine = s.sel[g.lane];
+  for (int slot = first; mask; mask &= mask - 1, ++slot) {
+    const int i = __ffs(mask) - 1;
+    cand[slot] = rank_key_unless_nan(mine[i]) * 256u + (key_base - uint32_t(i));
+  }
+  // Key 0 ranks last (or ties expert 255 at tau, which decodes the same).
+  for (int z = total + g.sl; z < (wide ? 32 : 16); z += 8) cand[z] = 0;
+  __syncwarp();
+  uint32_t best = top8_of_16(g, cand);
+  if (wide) {  // the top 8 of both halves, merged as in top8_of_16
+    best = max(best, __shfl_sync(kFullMask, top8_of_16(g, cand + 16), g.base() + 7 - g.sl));
+#pragma unroll
+    for (int stride = 4; stride > 0; stride >>= 1) {
+      const uint32_t other = __shfl_xor_sync(kFullMask, best, stride);
+      best = (g.sl & stride) == 0 ? max(best, other) : min(best, other);
+    }
+  }
+  const int expert = 255 - int(best & 255u);
+  const float v = sigmoid(In::to_float(row[expert]));  // as write_routing: weights from the logits
+  const float total_v = g.sum(v) + kEps;
+  if (valid) w_out[g.sl] = v / total_v * scaling, idx_out[g.sl] = expert;
+  return true;
+}
+
+// The segment path's exact routing of this lane's token, for warps route_set_lean refuses. Not inlined: its code
+// then does not weigh on the registers of the lean path.
+template <class In>
+__device__ __noinline__ void route_set_exact(int lane, float scaling, const typename In::storage* row, bool valid,
+                                             const float4* bias, SegmentScratch<8, 32>* s, float* w_out,
+                                             int32_t* idx_out) {
+  const SegmentLanes<8> g(lane);
+  RouteConfig scaled;
+  scaled.scaling_factor = scaling;
+  __syncwarp();  // the lean path's reads of the scratch
+  float xv[32];
+  load_segment_row<In, 8, 32>(g, row, 256, xv);
+  route_token_segment<In, 8, 32, false, Fixed::kDeepSeekV3>(g, kernel_config<Fixed::kDeepSeekV3>(scaled),
+                                                            kernel_aux_config<Fixed::kDeepSeekV3>(AuxConfig{}), 1, xv,
+                                                            row, valid, bias, *s, nullptr, nullptr, w_out, idx_out);
+}
+
+// A block per kDeepSeekV3Warps sets of 4 tokens, one a warp (past INT_MAX blocks the warps loop). Shared memory: the
+// bias as route_segment_kernel stages it, then a DeepSeekV3WarpMemory a warp.
+constexpr int kDeepSeekV3Warps = 8;
+template <class In>
+__global__ void __launch_bounds__(kDeepSeekV3Warps * 32, 32 / kDeepSeekV3Warps)
+    route_deepseek_v3_kernel(float scaling, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
+                             float* __restrict__ w, int32_t* __restrict__ idx) {
+  constexpr int E = 256, K = 8;
+  extern __shared__ __align__(16) float smem[];
+  float* sbias = smem;
+  auto& memory = reinterpret_cast<DeepSeekV3WarpMemory*>(smem + E)[threadIdx.x / 32];
+  const SegmentLanes<8> g(threadIdx.x & 31);
+  for (int e = threadIdx.x; e < E; e += blockDim.x)
+    sbias[bias_slot<8, 32>(e)] = bias(e) + 0.0f;  // never -0.0: neither is a score plus bias
+  __syncthreads();
+  const float4* b4 = reinterpret_cast<const float4*>(sbias) + g.sl;
+  const int64_t stride = int64_t(gridDim.x) * kDeepSeekV3Warps * 4;
+  for (int64_t t0 = (int64_t(blockIdx.x) * kDeepSeekV3Warps + threadIdx.x / 32) * 4; t0 < T; t0 += stride) {
+    const int64_t t = t0 + g.segment();
+    const bool valid = t < T;
+    const int64_t r = valid ? t : T - 1;
+    float sel[32];
+    load_set_rows<In>(g, x, t0, T, memory.lean.rows, sel);
+    __syncwarp();  // the rows are read: the scratch takes the scores
+#pragma unroll
+    for (int c4 = 0; c4 < 8; ++c4) {
+      const float4 b = b4[c4 * 8];
+      sel[4 * c4] = sigmoid(sel[4 * c4]) + b.x, sel[4 * c4 + 1] = sigmoid(sel[4 * c4 + 1]) + b.y;
+      sel[4 * c4 + 2] = sigmoid(sel[4 * c4 + 2]) + b.z, sel[4 * c4 + 3] = sigmoid(sel[4 * c4 + 3]) + b.w;
+      *reinterpret_cast<float4*>(&memory.lean.sel[g.lane][4 * c4]) =
+          make_float4(sel[4 * c4], sel[4 * c4 + 1], sel[4 * c4 + 2], sel[4 * c4 + 3]);
+    }
+    if (!route_set_lean<In>(g, scaling, sel, memory.lean, x + r * E, valid, w + r * K, idx + r * K))
+      route_set_exact<In>(g.lane, scaling, x + r * E, valid, b4, &memory.exact, w + r * K, idx + r * K);
   }
 }
 
@@ -1232,12 +1417,17 @@ void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLo
                                                           w, idx, kAux ? *l.aux : AuxArgs{});
   };
   constexpr int kTokensPerBlock = kWarpsPerBlock * 32 / S;
-  // DeepSeek-V3's 16-bit routing kernel loads rows whole and takes a block per set of tokens a warp, where the others
-  // keep one resident wave (load_rows_coalesced has the numbers). Past INT_MAX blocks its warps loop.
-  if constexpr (kFixed == Fixed::kDeepSeekV3 && !kAux && kCoalescedRows<In, S, V>) {
-    constexpr auto whole_rows = route_segment_kernel<In, S, V, kAux, kFixed, true>;
-    resident_segment_blocks<whole_rows>(smem);  // opts in to the shared memory
-    launch(whole_rows, unsigned(std::min<int64_t>((T + kTokensPerBlock - 1) / kTokensPerBlock, INT_MAX)));
+  // DeepSeek-V3's 16-bit routing kernel takes a block per set of tokens a warp, where the others keep one resident
+  // wave (loaded_piece has the numbers). Past INT_MAX blocks its warps loop.
+  if constexpr (kFixed == Fixed::kDeepSeekV3 && !kAux && S == 8 && sizeof(typename In::storage) == 2) {
+    constexpr auto kernel = route_deepseek_v3_kernel<In>;
+    constexpr size_t bytes =
+        kDeepSeekV3Config.num_experts * sizeof(float) + kDeepSeekV3Warps * sizeof(DeepSeekV3WarpMemory);
+    constexpr int kTokens = kDeepSeekV3Warps * 4;  // a block's
+    static_assert(bytes <= 48 * 1024, "past 48 KB a kernel must opt in");
+    const unsigned grid = unsigned(std::min<int64_t>((T + kTokens - 1) / kTokens, INT_MAX));
+    kernel<<<grid, kDeepSeekV3Warps * 32, bytes, l.stream>>>(c.scaling_factor,
+                                                             static_cast<const typename In::storage*>(x), bias, T, w, idx);
   } else {
     const unsigned grid = l.grid(T, kTokensPerBlock);
     constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kFixed>;
