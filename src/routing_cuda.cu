@@ -7,7 +7,8 @@
 //    warp routes 32 / S tokens at once, every lane holding V experts in registers;
 //  * otherwise the shared row algorithm of routing_row.h, a warp per token on shared memory.
 // DeepSeek-V3's exact config and Qwen3-MoE's router shape have segment kernels of their own, compiled with
-// them as constants (kDeepSeekV3Config, kSoftmax128Top8Config).
+// them as constants (kDeepSeekV3Config, kSoftmax128Top8Config); DeepSeek-V3's 16-bit rows at 8 lanes a token
+// have a lean kernel besides (route_deepseek_v3_kernel), which takes the segment code only for the rows it refuses.
 // aux_loss_scores' forward also takes the segment path where that is faster (segment_scores_cuda.h).
 // The fused aux variant also accumulates clean-score column sums and top-k counts per block into a
 // workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
@@ -767,10 +768,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
 // route_deepseek_v3_kernel: the segment path's layout (lane sl of a token's 8 holds group sl, 32 experts) with
 // the selection cut to what this config needs, for rows without NaN whose candidates fit 32-bit sort keys; a warp
 // where some token does not fit takes the segment path's exact code (route_set_exact). Against that code (ncu,
-// session 17: 1088 warp instructions a set of 4 tokens, bound by issue): NaN is found by the group top 2 (max.NaN)
-// instead of a test an element; the candidates' sort keys are 32-bit, the value's key relative to the threshold
-// above the expert, so that the sort of 16 takes a shuffle and a min/max a step; the rows' addresses are 32-bit
-// offsets; bf16 converts a word at a time.
+// session 17: 1088 warp instructions a set of 4 tokens): NaN is found by the group top 2 (max.NaN) instead of a
+// test an element; group ranks compare keys against one threshold per bit of the partner's offset; the candidates'
+// sort keys are 32-bit (the value's key above the threshold's, then the expert), so that a step of their sort
+// takes a shuffle where the 64-bit keys took two and their comparisons; the rows' offsets are 32-bit; bf16
+// converts a word at a time. About 735 instructions a set (static SASS): T = 16384 9.9 -> 9.3 us on an H100, but
+// T = 65536 stays at 28 us (RESULTS.md, session 18).
 
 // A warp's 4 rows of 512 bytes as loaded: warp load r reads row r whole (512 contiguous bytes, where a lane's own
 // run of 64 bytes touches 16 lines a warp load, half of each sector: ncu, T = 16384, 634 k -> 372 k L1 sectors,
@@ -949,11 +952,12 @@ __device__ __noinline__ void route_set_exact(int lane, float scaling, const type
                                                             row, valid, bias, *s, nullptr, nullptr, w_out, idx_out);
 }
 
-// A block per kDeepSeekV3Warps sets of 4 tokens, one a warp (past INT_MAX blocks the warps loop). Shared memory: the
-// bias as route_segment_kernel stages it, then a DeepSeekV3WarpMemory a warp.
-constexpr int kDeepSeekV3Warps = 8;
+// A block per 32 tokens, one set of 4 a warp (past INT_MAX blocks the warps loop): warps that loop over sets on one
+// resident wave, loading the next set's rows while they route one (cp.async), were slower (T = 65536 28.0 -> 35 us,
+// H100, RESULTS.md, session 18), and so were blocks of 4 or 2 warps. Shared memory: the bias as
+// route_segment_kernel stages it, then a DeepSeekV3WarpMemory a warp.
 template <class In>
-__global__ void __launch_bounds__(kDeepSeekV3Warps * 32, 32 / kDeepSeekV3Warps)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_deepseek_v3_kernel(float scaling, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
                              float* __restrict__ w, int32_t* __restrict__ idx) {
   constexpr int E = 256, K = 8;
@@ -965,8 +969,8 @@ __global__ void __launch_bounds__(kDeepSeekV3Warps * 32, 32 / kDeepSeekV3Warps)
     sbias[bias_slot<8, 32>(e)] = bias(e) + 0.0f;  // never -0.0: neither is a score plus bias
   __syncthreads();
   const float4* b4 = reinterpret_cast<const float4*>(sbias) + g.sl;
-  const int64_t stride = int64_t(gridDim.x) * kDeepSeekV3Warps * 4;
-  for (int64_t t0 = (int64_t(blockIdx.x) * kDeepSeekV3Warps + threadIdx.x / 32) * 4; t0 < T; t0 += stride) {
+  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * 4;
+  for (int64_t t0 = (int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32) * 4; t0 < T; t0 += stride) {
     const int64_t t = t0 + g.segment();
     const bool valid = t < T;
     const int64_t r = valid ? t : T - 1;
@@ -1417,17 +1421,16 @@ void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLo
                                                           w, idx, kAux ? *l.aux : AuxArgs{});
   };
   constexpr int kTokensPerBlock = kWarpsPerBlock * 32 / S;
-  // DeepSeek-V3's 16-bit routing kernel takes a block per set of tokens a warp, where the others keep one resident
-  // wave (loaded_piece has the numbers). Past INT_MAX blocks its warps loop.
+  // DeepSeek-V3's 16-bit rows at 8 lanes a token take the lean kernel, a block per 32 tokens, where the others keep
+  // one resident wave.
   if constexpr (kFixed == Fixed::kDeepSeekV3 && !kAux && S == 8 && sizeof(typename In::storage) == 2) {
     constexpr auto kernel = route_deepseek_v3_kernel<In>;
     constexpr size_t bytes =
-        kDeepSeekV3Config.num_experts * sizeof(float) + kDeepSeekV3Warps * sizeof(DeepSeekV3WarpMemory);
-    constexpr int kTokens = kDeepSeekV3Warps * 4;  // a block's
+        kDeepSeekV3Config.num_experts * sizeof(float) + kWarpsPerBlock * sizeof(DeepSeekV3WarpMemory);
     static_assert(bytes <= 48 * 1024, "past 48 KB a kernel must opt in");
-    const unsigned grid = unsigned(std::min<int64_t>((T + kTokens - 1) / kTokens, INT_MAX));
-    kernel<<<grid, kDeepSeekV3Warps * 32, bytes, l.stream>>>(c.scaling_factor,
-                                                             static_cast<const typename In::storage*>(x), bias, T, w, idx);
+    const unsigned grid = unsigned(std::min<int64_t>((T + kTokensPerBlock - 1) / kTokensPerBlock, INT_MAX));
+    kernel<<<grid, kWarpsPerBlock * 32, bytes, l.stream>>>(c.scaling_factor, static_cast<const typename In::storage*>(x),
+                                                           bias, T, w, idx);
   } else {
     const unsigned grid = l.grid(T, kTokensPerBlock);
     constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kFixed>;
