@@ -772,8 +772,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
 // test an element; group ranks compare keys against one threshold per bit of the partner's offset; the candidates'
 // sort keys are 32-bit (the value's key above the threshold's, then the expert), so that a step of their sort
 // takes a shuffle where the 64-bit keys took two and their comparisons; the rows' offsets are 32-bit; bf16
-// converts a word at a time. About 735 instructions a set (static SASS): T = 16384 9.9 -> 9.3 us on an H100, but
-// T = 65536 stays at 28 us (RESULTS.md, session 18).
+// converts a word at a time. 869 warp instructions a set (ncu, against 1088): on an H100 T = 16384 9.9 -> 9.2 us,
+// but T = 65536 only 28.2 -> 26.75, still latency-bound (RESULTS.md, session 18).
 
 // A warp's 4 rows of 512 bytes as loaded: warp load r reads row r whole (512 contiguous bytes, where a lane's own
 // run of 64 bytes touches 16 lines a warp load, half of each sector: ncu, T = 16384, 634 k -> 372 k L1 sectors,
@@ -782,12 +782,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
 // slots, at offsets that are constants from one address.
 __device__ int loaded_piece(int lane) { return 4 * (lane & 7) + lane / 8; }
 
-// Shared memory of a warp: the rows as loaded, then each lane's 32 selection values (a row of 36 floats a lane:
-// its 16-byte stores are free of bank conflicts), and each segment's candidates; or the exact path's scratch.
 // Candidates a token the lean kernel sorts (in chunks of 16): random DeepSeek-V3 rows have 11 on average, more than
 // 16 in 4% of rows, more than 32 in 0.008% (5 rows of 65536), none past 48 (a numpy model of routing.py's rows).
 constexpr int kLeanCandidates = 64;
 
+// Shared memory of a warp: the rows as loaded, then each lane's 32 selection values (a row of 36 floats a lane:
+// its 16-byte stores are free of bank conflicts), and each segment's candidates; or the exact path's scratch.
 struct DeepSeekV3Scratch {
   union {
     uint4 rows[4 * 32];
@@ -956,8 +956,8 @@ __device__ __noinline__ void route_set_exact(int lane, float scaling, const type
 
 // A block per 32 tokens, one set of 4 a warp (past INT_MAX blocks the warps loop): warps that loop over sets on one
 // resident wave, loading the next set's rows while they route one (cp.async), were slower (T = 65536 28.0 -> 35 us,
-// H100, RESULTS.md, session 18), and so were blocks of 4 or 2 warps. Shared memory: the bias as
-// route_segment_kernel stages it, then a DeepSeekV3WarpMemory a warp.
+// H100, RESULTS.md, session 18), and so were blocks of 16, 4 or 2 warps and two sets a warp. Shared memory: the bias
+// as route_segment_kernel stages it, then a DeepSeekV3WarpMemory a warp.
 template <class In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_deepseek_v3_kernel(float scaling, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
