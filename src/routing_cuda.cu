@@ -1418,10 +1418,6 @@ void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLo
                     float* w, int32_t* idx) {
   constexpr size_t smem = segment_smem_bytes<S, V, kAux>();
   static_assert(smem <= 112 * 1024, "the segment path needs two blocks an SM at least");
-  const auto launch = [&](auto kernel, unsigned grid) {
-    kernel<<<grid, kWarpsPerBlock * 32, smem, l.stream>>>(c, static_cast<const typename In::storage*>(x), bias, T, lpg,
-                                                          w, idx, kAux ? *l.aux : AuxArgs{});
-  };
   constexpr int kTokensPerBlock = kWarpsPerBlock * 32 / S;
   // DeepSeek-V3's 16-bit rows at 8 lanes a token take the lean kernel, a block per 32 tokens, where the others keep
   // one resident wave.
@@ -1434,11 +1430,13 @@ void launch_segment(const Launch& l, const RouteConfig& c, const void* x, BiasLo
     kernel<<<grid, kWarpsPerBlock * 32, bytes, l.stream>>>(c.scaling_factor, static_cast<const typename In::storage*>(x),
                                                            bias, T, w, idx);
   } else {
-    const unsigned grid = l.grid(T, kTokensPerBlock);
     constexpr auto kernel = route_segment_kernel<In, S, V, kAux, kFixed>;
     const int resident = resident_segment_blocks<kernel>(smem);
     // At most one resident wave; the aux variant's grid is capped by its workspace's block count instead.
-    launch(kernel, kAux ? grid : std::min(grid, unsigned(resident * l.dev.sm_count)));
+    unsigned grid = l.grid(T, kTokensPerBlock);
+    if (!kAux) grid = std::min(grid, unsigned(resident * l.dev.sm_count));
+    kernel<<<grid, kWarpsPerBlock * 32, smem, l.stream>>>(c, static_cast<const typename In::storage*>(x), bias, T, lpg,
+                                                          w, idx, kAux ? *l.aux : AuxArgs{});
   }
 }
 

@@ -260,9 +260,9 @@ def test_exact_ties_with_bias(rng):
 # From 4096 tokens on, the CUDA forward routes four tokens per warp and picks its top-k threshold
 # another way (routing_cuda.cu, kWideTokens): the results must not change. DeepSeek-V3's compiled-in
 # kernel keeps a warp a token up to 48 tokens an SM (wide_tokens: 6336 tokens on an H100 or H200), so
-# its four-token layout needs more tokens. There its 16-bit kernel gives every warp one set of four tokens
-# (rows loaded whole, kWholeRows), in as many waves as it takes; its f32 kernel keeps one resident wave
-# (16896 tokens on an H100), past which the warps loop over sets.
+# its four-token layout needs more tokens. There its 16-bit rows take a kernel of their own
+# (route_deepseek_v3_kernel), every warp one set of four tokens, in as many waves as it takes; its f32
+# kernel keeps one resident wave (16896 tokens on an H100), past which the warps loop over sets.
 MANY_TOKENS = 4099
 DEEPSEEK_V3_MANY_TOKENS = 8195
 DEEPSEEK_V3_LOOPING_TOKENS = 20003
