@@ -137,7 +137,54 @@ def test_compiled_config_counts(rng, name, dtype, tied, tokens):
                                            scaling)
     counts = jax_moe.routing.route_aux_fwd_p.bind(
         x, jax_moe.routing._check_bias(bias, experts), **config._asdict(), aux_topk=8,
-        aux_score_function=jax_moe.routing.checks.score_function(score_function))[3]
+        aux_score_function=jax_moe.routing.checks.score_function(score_function), c_coeff=1.0)[3]
+    np.testing.assert_array_equal(counts, ref_counts)
+
+
+# From 4096 tokens on, DeepSeek-V3's 16-bit rows take a kernel of their own (route_deepseek_v3_aux_kernel): a cheap
+# aux selection for most rows, the exact one for warps with ties past its 64 candidates, scores far apart or a NaN,
+# and the statistics totalled in the kernel. 8195 tokens end on a part-filled block; 20003 make the blocks loop.
+def _statistics(x, bias):
+    config = jax_moe.routing._route_config(256, 8, "sigmoid", 8, 4, None, False, None, None, 2.5)
+    out = jax_moe.routing.route_aux_fwd_p.bind(x, bias, **config._asdict(), aux_topk=8,
+                                               aux_score_function=jax_moe.routing.checks.score_function("sigmoid"),
+                                               c_coeff=1.0)
+    return np.asarray(out[2]), np.asarray(out[3])
+
+
+@pytest.mark.parametrize("tokens", [8195, 20003])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_deepseek_v3_many_tokens_statistics(rng, dtype, tokens):
+    x = np.asarray(_logits(rng, tokens, 256), np.float64)
+    tied = rng.choice(tokens, tokens // 8, replace=False)
+    x[tied] = rng.choice((-1.25, 0.5, 1.0, 2.0), size=(len(tied), 256))
+    far = rng.choice(tokens, 64, replace=False)  # one clean score ~100x the 8th best
+    x[far] = rng.normal(size=(64, 256)) - 8.0
+    x[far, rng.integers(0, 256, 64)] = 5.0
+    x = jnp.asarray(x, dtype)
+    bias = jnp.asarray(rng.choice((-0.25, 0.0, 0.25), size=256), jnp.float32)
+    colsum, counts = _statistics(x, bias)
+    s = _clean_scores(np.asarray(x.astype(jnp.float32)), "sigmoid")
+    np.testing.assert_allclose(colsum, s.sum(0), rtol=1e-5)
+    _, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "sigmoid", 1e-2)
+    np.testing.assert_array_equal(counts, ref_counts)
+    routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-2, expert_bias=bias, **DSV3)
+    plain = jax_moe.route(x, 8, expert_bias=bias, **DSV3)
+    np.testing.assert_array_equal(routing.indices, plain.indices)
+    np.testing.assert_allclose(routing.weights, plain.weights, rtol=1e-6, atol=1e-7)
+    ref_loss, _, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "sigmoid", 1e-2)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_deepseek_v3_many_tokens_nan_rows(rng, dtype):
+    x = np.asarray(_logits(rng, 8195, 256), np.float64)
+    x[rng.choice(8195, 5, replace=False), rng.integers(0, 256, 5)] = np.nan
+    x = jnp.asarray(x, jnp.bfloat16).astype(dtype)  # float32: bf16 values, far from float32 near-ties
+    colsum, counts = _statistics(x, jnp.zeros((256,), jnp.float32))
+    assert np.isnan(colsum).all()
+    # A NaN row's clean scores are all NaN: they tie, and rank the lowest 8 experts first.
+    _, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "sigmoid", 1e-2)
     np.testing.assert_array_equal(counts, ref_counts)
 
 
