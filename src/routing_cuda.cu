@@ -947,12 +947,11 @@ __device__ bool route_set_lean(const SegmentLanes<8>& g, float scaling, const fl
   return true;
 }
 
-// The segment path's exact routing of this lane's token, for warps route_set_lean refuses. Not inlined: its code
-// then does not weigh on the registers of the lean path.
+// The segment path's exact routing of this lane's token, for warps route_set_lean refuses.
 template <class In>
-__device__ __noinline__ void route_set_exact(int lane, float scaling, const typename In::storage* row, bool valid,
-                                             const float4* bias, SegmentScratch<8, 32>* s, float* w_out,
-                                             int32_t* idx_out) {
+__device__ __forceinline__ void route_set_exact_inline(int lane, float scaling, const typename In::storage* row,
+                                                       bool valid, const float4* bias, SegmentScratch<8, 32>* s,
+                                                       float* w_out, int32_t* idx_out) {
   const SegmentLanes<8> g(lane);
   RouteConfig scaled;
   scaled.scaling_factor = scaling;
@@ -962,6 +961,14 @@ __device__ __noinline__ void route_set_exact(int lane, float scaling, const type
   route_token_segment<In, 8, 32, false, Fixed::kDeepSeekV3>(g, kernel_config<Fixed::kDeepSeekV3>(scaled),
                                                             kernel_aux_config<Fixed::kDeepSeekV3>(AuxConfig{}), 1, xv,
                                                             row, valid, bias, *s, nullptr, nullptr, w_out, idx_out);
+}
+
+// The same, not inlined: its code then does not weigh on the registers of the lean path.
+template <class In>
+__device__ __noinline__ void route_set_exact(int lane, float scaling, const typename In::storage* row, bool valid,
+                                             const float4* bias, SegmentScratch<8, 32>* s, float* w_out,
+                                             int32_t* idx_out) {
+  route_set_exact_inline<In>(lane, scaling, row, valid, bias, s, w_out, idx_out);
 }
 
 // A block per 32 tokens, one set of 4 a warp (past INT_MAX blocks the warps loop): warps that loop over sets on one
@@ -1081,7 +1088,7 @@ __device__ bool aux_count_set_lean(const SegmentLanes<8>& g, const float (&num)[
 // caller: a NaN row's division here, in a function called from the kernel, ended in an illegal instruction on an
 // H200 (compute-sanitizer: a shuffle of the next sum found the warp diverged); the caller's division is guarded.
 template <class In>
-__device__ __noinline__ void aux_count_set_exact(int lane, const typename In::storage* row, float inv, bool valid,
+__device__ __forceinline__ void aux_count_set_exact(int lane, const typename In::storage* row, float inv, bool valid,
                                                  SegmentScratch<8, 32>* s, float* mine, int* counts) {
   const SegmentLanes<8> g(lane);
   float num[32];
@@ -1142,10 +1149,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       const float inv = total == total ? 1.0f / total : total;
       if (g.sl == 0) inv_of[4 * warp + g.segment()] = inv;
       __syncwarp();  // mine is stored
-      if (!aux_count_set_lean(g, num, inv, mine, s.cand[g.segment()], counts, valid)) {
-        __syncwarp();
+      if (!aux_count_set_lean(g, num, inv, mine, s.cand[g.segment()], counts, valid))
         aux_count_set_exact<In>(g.lane, x + r * E, inv, valid, &memory[warp].exact, mine, counts);
-      }
     }
     __syncthreads();
     const int sl = threadIdx.x / 32, i = threadIdx.x % 32;
@@ -1167,10 +1172,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       sel[4 * c4] = v.x, sel[4 * c4 + 1] = v.y, sel[4 * c4 + 2] = v.z, sel[4 * c4 + 3] = v.w;
       *reinterpret_cast<float4*>(mine + 4 * c4) = v;
     }
-    if (!route_set_lean<In>(g, scaling, sel, s, x + r * E, valid, w + r * K, idx + r * K)) {
-      __syncwarp();
-      route_set_exact<In>(g.lane, scaling, x + r * E, valid, b4, &memory[warp].exact, w + r * K, idx + r * K);
-    }
+    if (!route_set_lean<In>(g, scaling, sel, s, x + r * E, valid, w + r * K, idx + r * K))
+      route_set_exact_inline<In>(g.lane, scaling, x + r * E, valid, b4, &memory[warp].exact, w + r * K, idx + r * K);
   }
   const int e = threadIdx.x;
   if (column != column) atomicOr(&totals->nan, 1u);
