@@ -133,22 +133,25 @@ def test_compiled_config_counts(rng, name, dtype, tied, tokens):
     np.testing.assert_allclose(routing.weights, plain.weights, rtol=1e-6, atol=1e-7)
     ref_loss, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, score_function, 1e-2)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
-    config = jax_moe.routing._route_config(experts, 8, score_function, groups, group_topk, None, False, None, None,
-                                           scaling)
-    counts = jax_moe.routing.route_aux_fwd_p.bind(
-        x, jax_moe.routing._check_bias(bias, experts), **config._asdict(), aux_topk=8,
-        aux_score_function=jax_moe.routing.checks.score_function(score_function))[3]
+    _, counts = _statistics(x, bias, score_function, groups, group_topk, scaling)
     np.testing.assert_array_equal(counts, ref_counts)
+
+
+def _statistics(x, bias, score_function, num_groups, group_topk, scaling):
+    """The fused forward's column sums and top-8 counts, read from the primitive (route_with_aux_loss keeps them)."""
+    experts = x.shape[-1]
+    config = jax_moe.routing._route_config(experts, 8, score_function, num_groups, group_topk, None, False, None, None,
+                                           scaling)
+    out = jax_moe.routing.route_aux_fwd_p.bind(
+        x, jax_moe.routing._check_bias(bias, experts), **config._asdict(), aux_topk=8,
+        aux_score_function=jax_moe.routing.checks.score_function(score_function))
+    return np.asarray(out[2]), np.asarray(out[3])
 
 
 # From 4096 tokens on, the CUDA forward takes DeepSeek-V3's rows 8 lanes a token, 32 tokens a block: rows of ties (more
 # candidates than a segment's buffer), rows whose best clean score is ~100x the 8th, NaN rows. 8195 tokens end on a
 # part-filled block; 20003 make the blocks loop (the grid is capped by the workspace's 512 rows).
-def _statistics(x, bias):
-    config = jax_moe.routing._route_config(256, 8, "sigmoid", 8, 4, None, False, None, None, 2.5)
-    out = jax_moe.routing.route_aux_fwd_p.bind(x, bias, **config._asdict(), aux_topk=8,
-                                               aux_score_function=jax_moe.routing.checks.score_function("sigmoid"))
-    return np.asarray(out[2]), np.asarray(out[3])
+DSV3_STATISTICS = ("sigmoid", DSV3["num_groups"], DSV3["group_topk"], DSV3["scaling_factor"])
 
 
 @pytest.mark.parametrize("tokens", [8195, 20003])
@@ -162,10 +165,10 @@ def test_deepseek_v3_many_tokens_statistics(rng, dtype, tokens):
     x[far, rng.integers(0, 256, 64)] = 5.0
     x = jnp.asarray(x, dtype)
     bias = jnp.asarray(rng.choice((-0.25, 0.0, 0.25), size=256), jnp.float32)
-    colsum, counts = _statistics(x, bias)
-    s = _clean_scores(np.asarray(x.astype(jnp.float32)), "sigmoid")
-    np.testing.assert_allclose(colsum, s.sum(0), rtol=1e-5)
-    ref_loss, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "sigmoid", 1e-2)
+    colsum, counts = _statistics(x, bias, *DSV3_STATISTICS)
+    x32 = np.asarray(x.astype(jnp.float32))
+    np.testing.assert_allclose(colsum, _clean_scores(x32, "sigmoid").sum(0), rtol=1e-5)
+    ref_loss, ref_counts, _ = _np_aux_loss(x32, 8, "sigmoid", 1e-2)
     np.testing.assert_array_equal(counts, ref_counts)
     routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-2, expert_bias=bias, **DSV3)
     plain = jax_moe.route(x, 8, expert_bias=bias, **DSV3)
@@ -179,7 +182,7 @@ def test_deepseek_v3_many_tokens_nan_rows(rng, dtype):
     x = np.asarray(_logits(rng, 8195, 256), np.float64)
     x[rng.choice(8195, 5, replace=False), rng.integers(0, 256, 5)] = np.nan
     x = jnp.asarray(x, jnp.bfloat16).astype(dtype)  # float32: bf16 values, far from float32 near-ties
-    colsum, counts = _statistics(x, jnp.zeros((256,), jnp.float32))
+    colsum, counts = _statistics(x, None, *DSV3_STATISTICS)
     assert np.isnan(colsum).all()
     # A NaN row's clean scores are all NaN: they tie, and rank the lowest 8 experts first.
     _, ref_counts, _ = _np_aux_loss(np.asarray(x.astype(jnp.float32)), 8, "sigmoid", 1e-2)
