@@ -82,8 +82,9 @@ class TokenParallel:
     sharded (each shard runs the kernel on its tokens), while every last dimension stays whole.
     Operands listed in `replicated` (e.g. an expert bias) are replicated. Results listed in
     `reduced` are sums over tokens: each shard computes its partial result and
-    `combine(results, axis_names)` (default: psum of each reduced result over the token axes)
-    turns the partials into the global, replicated value, so no operand is ever gathered.
+    `combine(results, axis_names, params)` (default: psum of each reduced result over the token
+    axes; params: the kernel's) turns the partials into the global, replicated value, so no
+    operand is ever gathered.
     Results listed in `scratch` are workspaces whose shape does not depend on the token count:
     each shard keeps its own, and nobody reads them.
     """
@@ -95,7 +96,7 @@ class TokenParallel:
         self.combine = combine or self._psum_reduced
         self.scratch = frozenset(scratch)
 
-    def _psum_reduced(self, results, axes):
+    def _psum_reduced(self, results, axes, params):
         return [jax.lax.psum(r, axes) if i in self.reduced else r for i, r in enumerate(results)]
 
     def rule(self, operand_ranks, result_ranks) -> SdyShardingRule:
@@ -113,7 +114,7 @@ class TokenParallel:
                         for i, r in enumerate(result_ranks))
         return SdyShardingRule(operands, results, need_replication_factors=tuple(whole))
 
-    def partition(self, mesh, arg_shapes, result_shapes, run):
+    def partition(self, mesh, arg_shapes, result_shapes, run, params):
         """(per-shard function, argument shardings, result shardings) for the given inputs."""
         first = next(i for i in range(len(arg_shapes)) if i not in self.replicated)
         lead = arg_shapes[first].ndim - 1
@@ -127,7 +128,7 @@ class TokenParallel:
                    for i in range(len(result_shapes))]
         if self.reduced and axes:
             def per_shard(*a):
-                return tuple(self.combine(list(run(*a)), axes))
+                return tuple(self.combine(list(run(*a)), axes, params))
         else:
             per_shard = run
         return per_shard, args, results
@@ -152,7 +153,7 @@ class TokensFromResults:
         whole = tuple(f for factors in operands + results for f in factors if f != "t")
         return SdyShardingRule(operands, results, need_replication_factors=whole)
 
-    def partition(self, mesh, arg_shapes, result_shapes, run):
+    def partition(self, mesh, arg_shapes, result_shapes, run, params):
         """(per-shard function, argument shardings, result shardings) for the results' token sharding."""
         tokens = (tuple(result_shapes[0].sharding.spec) + (None,))[0]
         axes = tokens if isinstance(tokens, tuple) else () if tokens is None else (tokens,)
@@ -215,7 +216,8 @@ def _partitioned_call(local: Primitive, sharding, params: tuple):
 
     def partition(mesh, arg_shapes, result_shape):
         results = result_shape if isinstance(result_shape, (list, tuple)) else (result_shape,)
-        per_shard, arg_shardings, result_shardings = sharding.partition(mesh, arg_shapes, results, run)
+        per_shard, arg_shardings, result_shardings = sharding.partition(mesh, arg_shapes, results, run,
+                                                                        dict(params))
         return mesh, per_shard, tuple(result_shardings), tuple(arg_shardings)
 
     def rule(mesh, operand_types, result_types):

@@ -297,7 +297,7 @@ def _logits_bwd_batch(prim, args, dims, **params):
     return batch_per_call(prim, args, dims, **params)
 
 
-def _combine_loss(results, axes):
+def _combine_loss(results, axes, params):
     """Per-shard partial losses -> the global loss, added in float32 then rounded; the workspace is dropped."""
     loss, buf, workspace = results
     total = jax.lax.psum(buf[1], axes)

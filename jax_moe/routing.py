@@ -113,9 +113,10 @@ def route_with_aux_loss(
     aux_score_function to score_function; the loss is float32.
 
     The forward kernel routes each token and adds its clean scores to per-expert column sums and its
-    top-aux_topk experts to per-expert counts (deterministic block-ordered sums); the loss is then
-    C_coeff * sum(colsum * counts). The backward kernel adds the clean-score gradient of
-    C_coeff * counts * d loss to the routing gradient in the same pass.
+    top-aux_topk experts to per-expert counts (deterministic sums: bit-identical run after run), and
+    forms the loss C_coeff * sum(colsum * counts) from them (sharded, the statistics are summed over
+    the shards first, and the loss formed from the global ones). The backward kernel adds the
+    clean-score gradient of C_coeff * counts * d loss to the routing gradient in the same pass.
 
     axis_name: inside shard_map, the axes over which column sums, counts and the token count are
     global. Under jit with token-sharded logits, they are global without it.
@@ -287,13 +288,19 @@ def _route_aux(logits, bias, config: RouteConfig, aux: AuxConfig):
 
 
 def _route_aux_fwd(logits, bias, config, aux):
-    weights, indices, colsum, counts, _, _ = route_aux_fwd_p.bind(
-        logits, bias, **config._asdict(), aux_topk=aux.topk, aux_score_function=aux.score_function)
-    if aux.axes:
+    weights, indices, colsum, counts, loss, _, _ = route_aux_fwd_p.bind(
+        logits, bias, **config._asdict(), aux_topk=aux.topk, aux_score_function=aux.score_function,
+        c_coeff=aux.c_coeff)
+    if aux.axes:  # the kernel's loss is this shard's alone
         colsum, counts = jax.lax.psum((colsum, counts), aux.axes)
-    # C_coeff inside the sum: XLA makes one reduction kernel of it, not a reduction and a multiply.
-    loss = jnp.sum(colsum * (counts.astype(jnp.float32) * aux.c_coeff))
+        loss = _loss_of_statistics(colsum, counts, aux.c_coeff)
     return (weights, indices, loss), (logits, indices, counts, jnp.zeros_like(bias))
+
+
+def _loss_of_statistics(colsum, counts, c_coeff: float) -> jax.Array:
+    """C_coeff · Σ_e colsum[e] · counts[e], as the forward kernel computes it from its statistics.
+    C_coeff inside the sum: XLA makes one reduction kernel of it, not a reduction and a multiply."""
+    return jnp.sum(colsum * (counts.astype(jnp.float32) * c_coeff))
 
 
 def _route_aux_bwd(config, aux, residuals, cotangents):
@@ -324,8 +331,16 @@ def _route_aux_fwd_abstract(logits, bias, *, topk, aux_topk, **_):
     return (weights, indices,
             reduced_aval(logits, (num_experts,), jnp.float32),
             reduced_aval(logits, (num_experts,), jnp.int32),
+            reduced_aval(logits, (), jnp.float32),
             reduced_aval(logits, workspace, jnp.float32),
             reduced_aval(logits, workspace, jnp.int32))
+
+
+def _combine_route_aux(results, axes, params):
+    """Per-shard statistics -> the global ones, and the loss from them; the workspaces are dropped."""
+    weights, indices, colsum, counts, _, *workspaces = results
+    colsum, counts = jax.lax.psum((colsum, counts), axes)
+    return [weights, indices, colsum, counts, _loss_of_statistics(colsum, counts, params["c_coeff"]), *workspaces]
 
 
 def _route_fwd_batch(prim, args, dims, **params):
@@ -343,6 +358,7 @@ route_bwd_p = kernel_primitive("jax_moe_route_bwd", _route_bwd_abstract, batch_a
 # The fused aux statistics are sums over all tokens of a call: under vmap each batch element
 # keeps its own, so both fused primitives loop over the batch.
 route_aux_fwd_p = kernel_primitive("jax_moe_route_aux_fwd", _route_aux_fwd_abstract, batch_per_call,
-                                   TokenParallel(replicated=(1,), reduced=(2, 3), scratch=(4, 5)))
+                                   TokenParallel(replicated=(1,), reduced=(2, 3, 4), scratch=(5, 6),
+                                                 combine=_combine_route_aux))
 route_aux_bwd_p = kernel_primitive("jax_moe_route_aux_bwd", _route_bwd_abstract, batch_per_call,
                                    TokenParallel(replicated=(3,)))

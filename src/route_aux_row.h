@@ -15,6 +15,9 @@ struct AuxConfig {
   ScoreFunction score_function;
 };
 
+// Expert e's term of the loss C_coeff · Σ_e colsum_e · counts_e (C_coeff inside the sum, as XLA formed it).
+MOE_HD float aux_loss_term(float colsum, int32_t count, float c_coeff) { return colsum * (float(count) * c_coeff); }
+
 // Adds one row's clean scores to colsum[e] and its top-k experts by clean score to counts[e].
 // colsum entries are owned by the lanes that stride over them; counts are visited once per expert.
 template <class Lanes, class In>

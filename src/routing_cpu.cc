@@ -42,26 +42,32 @@ ffi::Error route_fwd(ffi::AnyBuffer logits, ffi::AnyBuffer bias, ffi::Result<ffi
 // Rows are added in token order: deterministic. The workspaces serve the CUDA kernels only.
 ffi::Error route_aux_fwd(ffi::AnyBuffer logits, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> weights,
                          ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> colsum,
-                         ffi::Result<ffi::AnyBuffer> counts, ffi::Result<ffi::AnyBuffer> ws_colsum,
-                         ffi::Result<ffi::AnyBuffer> ws_counts, int64_t topk, int64_t score_function, bool pre,
-                         int64_t num_groups, int64_t group_topk, int64_t group_score_topn, bool renormalize,
-                         float scaling_factor, int64_t aux_topk, int64_t aux_score_function) {
+                         ffi::Result<ffi::AnyBuffer> counts, ffi::Result<ffi::AnyBuffer> loss,
+                         ffi::Result<ffi::AnyBuffer> ws_colsum, ffi::Result<ffi::AnyBuffer> ws_counts, int64_t topk,
+                         int64_t score_function, bool pre, int64_t num_groups, int64_t group_topk,
+                         int64_t group_score_topn, bool renormalize, float scaling_factor, int64_t aux_topk,
+                         int64_t aux_score_function, float c_coeff) {
   auto checked = check_route_fwd(logits, bias, *weights, *indices,
                                  make_route_config(0, topk, score_function, pre, num_groups, group_topk,
                                                    group_score_topn, renormalize, scaling_factor));
   if (checked.has_error()) return checked.error();
   const int64_t E = checked->config.num_experts;
   auto aux_checked =
-      check_route_aux_outputs(E, aux_topk, aux_score_function, *colsum, *counts, *ws_colsum, *ws_counts);
+      check_route_aux_outputs(E, aux_topk, aux_score_function, *colsum, *counts, *loss, *ws_colsum, *ws_counts);
   if (aux_checked.has_error()) return aux_checked.error();
   float* cs = colsum->typed_data<float>();
   int32_t* cn = counts->typed_data<int32_t>();
   std::memset(cs, 0, E * sizeof(float));
   std::memset(cn, 0, E * sizeof(int32_t));
   const AuxConfig aux{aux_topk, ScoreFunction(aux_score_function)};
-  return route_rows(logits.untyped_data(), *checked, [&]<class In>(const typename In::storage* row) {
+  const ffi::Error routed = route_rows(logits.untyped_data(), *checked, [&]<class In>(const typename In::storage* row) {
     aux_stats_row<SerialLanes, In>(SerialLanes{}, aux, row, E, cs, cn);
   });
+  if (routed.failure()) return routed;
+  double total = 0.0;
+  for (int64_t e = 0; e < E; ++e) total += aux_loss_term(cs[e], cn[e], c_coeff);
+  *loss->typed_data<float>() = float(total);
+  return ffi::Error::Success();
 }
 
 // Runs the backward row by row; row_bwd(lanes, row offset, topk offset) does one row.
@@ -135,9 +141,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_fwd_cpu, route_aux_fwd,
                                                    .Ret<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>()
+                                                   .Ret<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>())
                                   .Attr<int64_t>("aux_topk")
-                                  .Attr<int64_t>("aux_score_function"));
+                                  .Attr<int64_t>("aux_score_function")
+                                  .Attr<float>("c_coeff"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_bwd_cpu, route_aux_bwd,
                               bind_route_attrs(ffi::Ffi::Bind()

@@ -14,6 +14,7 @@
 // workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
 // Backward: the shared backward row algorithm, run by 1, 8 or 32 lanes a token (dispatch_bwd_lanes);
 // the fused aux backward for E <= 256 keeps each row in registers between its two walks.
+#include <cuda/atomic>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -874,6 +875,28 @@ __device__ uint32_t top8_of_16(const SegmentLanes<8>& g, const uint32_t* v) {
   return merge8(g, max(sort8<true>(g, v[g.sl]), sort8<false>(g, v[8 + g.sl])));
 }
 
+// The expert of rank g.sl among a segment's candidates: this lane's are its experts i at the bits of mask, of rank
+// keys key_of(i) >= tau_key and within 2^24 of it, the segment's first to first + count of total <= kLeanCandidates.
+// Their sort keys, the value's key above tau's then 255 - expert, are sorted in chunks of 16 as the warp's fullest
+// token needs.
+template <class KeyOf>
+__device__ int top8_of_candidates(const SegmentLanes<8>& g, uint32_t mask, int first, int total, KeyOf key_of,
+                                  uint32_t tau_key, uint32_t* cand) {
+  const int chunks = (__reduce_max_sync(kFullMask, total) + 15) / 16;
+  const uint32_t key_base = 255u - uint32_t(g.sl * 32) - tau_key * 256u;
+  for (int slot = first; mask; mask &= mask - 1, ++slot) {
+    const int i = __ffs(mask) - 1;
+    cand[slot] = key_of(i) * 256u + (key_base - uint32_t(i));
+  }
+  // Key 0 ranks last (or ties expert 255 at tau, which decodes the same).
+  for (int z = total + g.sl; z < 16 * chunks; z += 8) cand[z] = 0;
+  __syncwarp();
+  uint32_t best = top8_of_16(g, cand);
+  for (int q = 1; q < chunks; ++q)  // the top 8 so far against the chunk's, reversed: a bitonic sequence
+    best = merge8(g, max(best, __shfl_sync(kFullMask, top8_of_16(g, cand + 16 * q), g.base() + 7 - g.sl)));
+  return 255 - int(best & 255u);
+}
+
 // Routes the warp's 4 tokens, given sel (this lane's 32 sigmoid scores plus bias), unless some token of the warp
 // has a NaN score, more than kLeanCandidates candidates or candidates too far apart for 32-bit keys: then it
 // returns false, having written nothing. The same selection as the segment path's on floats (select_on_floats):
@@ -915,22 +938,9 @@ __device__ bool route_set_lean(const SegmentLanes<8>& g, float scaling, const fl
   const int total = g.shfl(first + count, 7);
   exact |= total > kLeanCandidates;
   if (__any_sync(kFullMask, exact)) return false;
-  const int chunks = (__reduce_max_sync(kFullMask, total) + 15) / 16;
-
-  uint32_t* cand = s.cand[g.segment()];
-  const uint32_t key_base = 255u - uint32_t(g.sl * 32) - tau_key * 256u;
   const float* mine = s.sel[g.lane];
-  for (int slot = first; mask; mask &= mask - 1, ++slot) {
-    const int i = __ffs(mask) - 1;
-    cand[slot] = rank_key_unless_nan(mine[i]) * 256u + (key_base - uint32_t(i));
-  }
-  // Key 0 ranks last (or ties expert 255 at tau, which decodes the same).
-  for (int z = total + g.sl; z < 16 * chunks; z += 8) cand[z] = 0;
-  __syncwarp();
-  uint32_t best = top8_of_16(g, cand);
-  for (int q = 1; q < chunks; ++q)  // the top 8 so far against the chunk's, reversed: a bitonic sequence
-    best = merge8(g, max(best, __shfl_sync(kFullMask, top8_of_16(g, cand + 16 * q), g.base() + 7 - g.sl)));
-  const int expert = 255 - int(best & 255u);
+  const int expert = top8_of_candidates(
+      g, mask, first, total, [&](int i) { return rank_key_unless_nan(mine[i]); }, tau_key, s.cand[g.segment()]);
   const float v = sigmoid(In::to_float(row[expert]));  // as write_routing: weights from the logits
   const float total_v = g.sum(v) + kEps;
   if (valid) w_out[g.sl] = v / total_v * scaling, idx_out[g.sl] = expert;
@@ -990,6 +1000,189 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     if (!route_set_lean<In>(g, scaling, sel, memory.lean, x + r * E, valid, w + r * K, idx + r * K))
       route_set_exact<In>(g.lane, scaling, x + r * E, valid, b4, &memory.exact, w + r * K, idx + r * K);
   }
+}
+
+// ------------------------------------------------------------ route_with_aux_loss's loss
+// Where the fused aux forward leaves the call's statistics and its loss C_coeff · Σ_e colsum_e · counts_e.
+struct AuxOutputs {
+  float* colsum;
+  int32_t* counts;
+  float* loss;
+};
+
+// Writes the sum of the block's v (kWarpsPerBlock warps) to *total, in a fixed order: a butterfly a warp, then the
+// warps in turn.
+__device__ void write_block_total(float v, float* total) {
+  __shared__ float warp_totals[kWarpsPerBlock];
+  for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  if (threadIdx.x % 32 == 0) warp_totals[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  float sum = 0.0f;
+  for (int wi = 0; wi < kWarpsPerBlock; ++wi) sum += warp_totals[wi];
+  *total = sum;
+}
+
+// The loss of the statistics aux_finalize_kernel wrote: one block.
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) aux_loss_of_statistics_kernel(float c_coeff, int64_t E,
+                                                                                     AuxOutputs out) {
+  float v = 0.0f;
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) v += aux_loss_term(out.colsum[e], out.counts[e], c_coeff);
+  write_block_total(v, out.loss);
+}
+
+// ------------------------------------------- route_with_aux_loss, DeepSeek-V3, 16-bit rows, 8 lanes a token
+// route_deepseek_v3_aux_kernel: the lean kernel above plus the aux statistics of its tokens (the clean scores,
+// sigmoid normalised over all experts: their column sums, and each token's top 8 by clean score counted). The
+// column sums are added over the block's tokens in a fixed order and then to the call's totals as 64-bit fixed
+// point (integer atomics: exact, so the sum does not depend on the order the blocks finish in); the last block
+// turns the totals into the outputs. No workspace rows and no statistics kernel.
+struct DeepSeekV3AuxTotals {  // in the workspace, zeroed before the launch
+  unsigned long long colsum[256];  // in units of 2^-32
+  unsigned counts[256];
+  unsigned nan;          // some block's column sum was NaN
+  unsigned blocks_done;  // the last block to finish writes the outputs
+};
+constexpr float kColsumUnit = 4294967296.0f;  // 2^32: a block's sum of at most 2^7 tokens' scores < 2^39 units
+
+// Counts the top 8 by clean score (num[i] * inv) of the warp's 4 tokens into counts, where valid, unless some token
+// has more than kLeanCandidates candidates or candidates 2^24 keys apart: then it returns false, having counted
+// nothing. num is also at mine (this lane's row of the scratch). The selection: tau = the 8th best of the segment's
+// 16 lane top-2 scores (so that at least 8 reach it: 8.8 on average on random rows), the candidates the clean scores
+// >= tau's, sorted as the routing's. A row with a NaN has only NaN clean scores (inv is NaN), which tie: its top 8
+// are experts 0 to 7.
+__device__ bool aux_count_set_lean(const SegmentLanes<8>& g, const float (&num)[32], float inv, const float* mine,
+                                   uint32_t* cand, int* counts, bool valid) {
+  float t1 = -1.0f, t2 = -1.0f;  // this lane's best two scores (all >= +0.0: their bits rank them)
+#pragma unroll
+  for (int i = 0; i < 32; ++i) t2 = fmaxf(t2, fminf(t1, num[i])), t1 = fmaxf(t1, num[i]);
+  const uint32_t top16 = merge8(g, max(sort8<true>(g, __float_as_uint(t1)), sort8<false>(g, __float_as_uint(t2))));
+  const float tau = __uint_as_float(g.shfl(top16, 7)) * inv;  // that expert's clean score
+  const uint32_t tau_key = rank_key_unless_nan(tau);
+  const bool nan = inv != inv;  // then no candidates: every comparison with NaN fails
+  // The segment's shuffles run on every lane: inside `!nan && ...` they ran on some lanes only, which hung the warp
+  // or faulted (illegal instruction) on NaN rows (sessions 19-20).
+  const float top = g.fmax(t1) * inv;
+  bool exact = !nan && rank_key_unless_nan(top) - tau_key >= (1u << 24);
+  uint32_t mask = 0;
+#pragma unroll
+  for (int i = 0; i < 32; ++i)
+    if (num[i] * inv >= tau) mask |= 1u << i;
+  const int count = __popc(mask);
+  const int first = g.exclusive_sum(count);
+  const int total = g.shfl(first + count, 7);
+  exact |= total > kLeanCandidates;
+  if (__any_sync(kFullMask, exact)) return false;
+  const int expert = top8_of_candidates(
+      g, mask, first, total, [&](int i) { return rank_key_unless_nan(mine[i] * inv); }, tau_key, cand);
+  if (valid) atomicAdd(&counts[nan ? g.sl : expert], 1);
+  return true;
+}
+
+// The segment path's exact count (count_clean_topk) of this lane's token, for warps aux_count_set_lean refuses; then
+// the scores again at mine, in the scratch that the count shared. Not inlined, as route_set_exact.
+template <class In>
+__device__ __noinline__ void aux_count_set_exact(int lane, const typename In::storage* row, float inv, bool valid,
+                                                 SegmentScratch<8, 32>* s, float* mine, int* counts) {
+  const SegmentLanes<8> g(lane);
+  float num[32];
+  load_segment_row<In, 8, 32>(g, row, 256, num);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) num[i] = sigmoid(num[i]);
+  __syncwarp();  // the lean path's reads of the scratch
+  count_clean_topk<8, 32, Spread::kRun>(g, 8, num, inv, 256, valid, *s, counts);  // ends with __syncwarp
+#pragma unroll
+  for (int c4 = 0; c4 < 8; ++c4)
+    *reinterpret_cast<float4*>(mine + 4 * c4) = make_float4(num[4 * c4], num[4 * c4 + 1], num[4 * c4 + 2], num[4 * c4 + 3]);
+}
+
+// One resident wave of blocks of 32 tokens at most (the grid depends on T alone), looping over the tokens in
+// step: between the aux selection and the routing the block adds up its clean scores, a thread the column of one
+// expert. The scores wait in shared memory meanwhile (in registers, across the barriers and the exact paths' calls,
+// they spilled 572 bytes). Shared memory: the bias, the block's counts, each token's 1 / Σ score, then a
+// DeepSeekV3WarpMemory a warp, whose selection rows hold the scores until the routing adds the bias.
+template <class In>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
+    route_deepseek_v3_aux_kernel(float scaling, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
+                                 float* __restrict__ w, int32_t* __restrict__ idx, DeepSeekV3AuxTotals* totals,
+                                 float c_coeff, AuxOutputs out) {
+  constexpr int E = 256, K = 8;
+  static_assert(kWarpsPerBlock * 32 == E, "a thread a column");
+  extern __shared__ __align__(16) float smem[];
+  float* sbias = smem;
+  int* counts = reinterpret_cast<int*>(smem + E);
+  float* inv_of = smem + 2 * E;  // [token of the block]
+  auto* memory = reinterpret_cast<DeepSeekV3WarpMemory*>(smem + 2 * E + 32);
+  const int warp = threadIdx.x / 32;
+  DeepSeekV3Scratch& s = memory[warp].lean;
+  const SegmentLanes<8> g(threadIdx.x & 31);
+  float* mine = s.sel[g.lane];
+  sbias[bias_slot<8, 32>(threadIdx.x)] = bias(threadIdx.x) + 0.0f;
+  counts[threadIdx.x] = 0;
+  __syncthreads();
+  const float4* b4 = reinterpret_cast<const float4*>(sbias) + g.sl;
+  float column = 0.0f;  // expert threadIdx.x's clean scores of the block's tokens
+  for (int64_t block_t0 = int64_t(blockIdx.x) * 32; block_t0 < T; block_t0 += int64_t(gridDim.x) * 32) {
+    const int64_t t0 = block_t0 + warp * 4, t = t0 + g.segment();
+    const bool active = t0 < T, valid = t < T;
+    const int64_t r = valid ? t : T - 1;
+    if (active) {
+      float num[32];
+      load_set_rows<In>(g, x, t0, T, s.rows, num);
+      __syncwarp();  // the rows are read: the scratch takes the scores
+      float sum = 0.0f;
+#pragma unroll
+      for (int c4 = 0; c4 < 8; ++c4) {
+#pragma unroll
+        for (int j = 4 * c4; j < 4 * c4 + 4; ++j) sum += (num[j] = sigmoid(num[j]));
+        *reinterpret_cast<float4*>(mine + 4 * c4) =
+            make_float4(num[4 * c4], num[4 * c4 + 1], num[4 * c4 + 2], num[4 * c4 + 3]);
+      }
+      const float inv = 1.0f / (g.sum(sum) + kEps);  // as segment_clean_scores
+      if (g.sl == 0) inv_of[4 * warp + g.segment()] = inv;
+      __syncwarp();  // mine is stored
+      if (!aux_count_set_lean(g, num, inv, mine, s.cand[g.segment()], counts, valid))
+        aux_count_set_exact<In>(g.lane, x + r * E, inv, valid, &memory[warp].exact, mine, counts);
+    }
+    __syncthreads();
+    const int sl = threadIdx.x / 32, i = threadIdx.x % 32;
+    const int tokens = int(min(T - block_t0, int64_t(32)));
+    if (tokens == 32) {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) column = fmaf(memory[j / 4].lean.sel[8 * (j % 4) + sl][i], inv_of[j], column);
+    } else {
+      for (int j = 0; j < tokens; ++j) column = fmaf(memory[j / 4].lean.sel[8 * (j % 4) + sl][i], inv_of[j], column);
+    }
+    __syncthreads();
+    if (!active) continue;
+    float sel[32];
+#pragma unroll
+    for (int c4 = 0; c4 < 8; ++c4) {
+      const float4 b = b4[c4 * 8];
+      float4 v = *reinterpret_cast<const float4*>(mine + 4 * c4);
+      v.x += b.x, v.y += b.y, v.z += b.z, v.w += b.w;
+      sel[4 * c4] = v.x, sel[4 * c4 + 1] = v.y, sel[4 * c4 + 2] = v.z, sel[4 * c4 + 3] = v.w;
+      *reinterpret_cast<float4*>(mine + 4 * c4) = v;
+    }
+    if (!route_set_lean<In>(g, scaling, sel, s, x + r * E, valid, w + r * K, idx + r * K))
+      route_set_exact<In>(g.lane, scaling, x + r * E, valid, b4, &memory[warp].exact, w + r * K, idx + r * K);
+  }
+  const int e = threadIdx.x;
+  if (column != column) atomicOr(&totals->nan, 1u);
+  atomicAdd(&totals->colsum[e], __float2ull_rn(column * kColsumUnit));
+  atomicAdd(&totals->counts[e], unsigned(counts[e]));
+  __shared__ bool last;
+  __syncthreads();  // every thread's totals before thread 0's release
+  if (threadIdx.x == 0) {
+    cuda::atomic_ref<unsigned, cuda::thread_scope_device> done(totals->blocks_done);
+    last = done.fetch_add(1u, cuda::memory_order_acq_rel) == gridDim.x - 1;
+  }
+  __syncthreads();  // the other threads' reads follow thread 0's acquire
+  if (!last) return;
+  const float sum = __ldcg(&totals->nan) ? NAN : float(__ldcg(&totals->colsum[e])) / kColsumUnit;
+  const int32_t count = int32_t(__ldcg(&totals->counts[e]));
+  out.colsum[e] = sum, out.counts[e] = count;
+  write_block_total(aux_loss_term(sum, count, c_coeff), out.loss);
 }
 
 // This lane's clean scores num[i] · inv_denom of a row of E experts, to out (the row): 16-byte stores of
@@ -1555,30 +1748,64 @@ ffi::Error route_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer logits,
   });
 }
 
+// route_with_aux_loss in DeepSeek-V3's config on 16-bit rows at 8 lanes a token takes route_deepseek_v3_aux_kernel,
+// which writes the statistics itself (no aux_finalize_kernel).
+bool takes_deepseek_v3_aux_kernel(const RouteFwdBuffers& b, const AuxConfig& a) {
+  return fixed_config(b.config, &a) == Fixed::kDeepSeekV3 && b.logits_dtype != Dtype::kF32 &&
+         b.tokens >= kWideTokens;
+}
+
+// blocks: the workspace's rows, which cap the grid as the other aux kernels' (the column sums' rounding then depends
+// on T alone); the workspace holds the kernel's totals, zeroed here.
+ffi::Error launch_deepseek_v3_aux(cudaStream_t stream, const RouteFwdBuffers& b, const void* logits, int64_t blocks,
+                                  void* workspace, float c_coeff, AuxOutputs out) {
+  if (size_t(blocks) * kDeepSeekV3Config.num_experts * sizeof(float) < sizeof(DeepSeekV3AuxTotals))
+    return invalid("the aux workspace is too small for route_with_aux_loss's DeepSeek-V3 kernel");
+  if (cudaMemsetAsync(workspace, 0, sizeof(DeepSeekV3AuxTotals), stream) != cudaSuccess)
+    return launch_status("route_with_aux_loss forward (zeroing the totals)");
+  constexpr size_t bytes = (2 * kDeepSeekV3Config.num_experts + 32) * sizeof(float) +
+                           kWarpsPerBlock * sizeof(DeepSeekV3WarpMemory);
+  static_assert(bytes <= 48 * 1024, "past 48 KB a kernel must opt in");
+  const unsigned grid = unsigned(std::min<int64_t>((b.tokens + 31) / 32, blocks));
+  return dispatch_float(b.logits_dtype, [&]<class In>() {
+    if constexpr (sizeof(typename In::storage) == 2)
+      route_deepseek_v3_aux_kernel<In><<<grid, kWarpsPerBlock * 32, bytes, stream>>>(
+          b.config.scaling_factor, static_cast<const typename In::storage*>(logits), b.bias, b.tokens, b.weights,
+          b.indices, static_cast<DeepSeekV3AuxTotals*>(workspace), c_coeff, out);
+    return launch_status("route_with_aux_loss forward (DeepSeek-V3)");
+  });
+}
+
 ffi::Error route_aux_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer logits, ffi::AnyBuffer bias,
                          ffi::Result<ffi::AnyBuffer> weights, ffi::Result<ffi::AnyBuffer> indices,
                          ffi::Result<ffi::AnyBuffer> colsum, ffi::Result<ffi::AnyBuffer> counts,
-                         ffi::Result<ffi::AnyBuffer> ws_colsum, ffi::Result<ffi::AnyBuffer> ws_counts, int64_t topk,
-                         int64_t score_function, bool pre, int64_t num_groups, int64_t group_topk,
-                         int64_t group_score_topn, bool renormalize, float scaling_factor, int64_t aux_topk,
-                         int64_t aux_score_function) {
+                         ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> ws_colsum,
+                         ffi::Result<ffi::AnyBuffer> ws_counts, int64_t topk, int64_t score_function, bool pre,
+                         int64_t num_groups, int64_t group_topk, int64_t group_score_topn, bool renormalize,
+                         float scaling_factor, int64_t aux_topk, int64_t aux_score_function, float c_coeff) {
   auto checked = check_route_fwd(logits, bias, *weights, *indices,
                                  make_route_config(0, topk, score_function, pre, num_groups, group_topk,
                                                    group_score_topn, renormalize, scaling_factor));
   if (checked.has_error()) return checked.error();
   const RouteFwdBuffers& b = *checked;
   auto aux_checked = check_route_aux_outputs(b.config.num_experts, aux_topk, aux_score_function, *colsum, *counts,
-                                             *ws_colsum, *ws_counts);
+                                             *loss, *ws_colsum, *ws_counts);
   if (aux_checked.has_error()) return aux_checked.error();
   const int64_t E = b.config.num_experts, blocks = *aux_checked;
   float* cs = colsum->typed_data<float>();
   int32_t* cn = counts->typed_data<int32_t>();
+  float* out_loss = loss->typed_data<float>();
   if (b.tokens == 0 || blocks == 0) {
     cudaMemsetAsync(cs, 0, E * sizeof(float), stream);
     cudaMemsetAsync(cn, 0, E * sizeof(int32_t), stream);
+    cudaMemsetAsync(out_loss, 0, sizeof(float), stream);
     return launch_status("route_with_aux_loss forward (no tokens)");
   }
-  const AuxArgs aux{{aux_topk, ScoreFunction(aux_score_function)},
+  const AuxConfig aux_cfg{aux_topk, ScoreFunction(aux_score_function)};
+  if (takes_deepseek_v3_aux_kernel(b, aux_cfg))
+    return launch_deepseek_v3_aux(stream, b, logits.untyped_data(), blocks, ws_colsum->untyped_data(), c_coeff,
+                                  {cs, cn, out_loss});
+  const AuxArgs aux{aux_cfg,
                     ws_colsum->typed_data<float>(),
                     ws_counts->typed_data<int32_t>()};
   const Launch l{stream, device_limits(device), &aux, blocks};
@@ -1589,6 +1816,7 @@ ffi::Error route_aux_fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer log
   const unsigned finalize_blocks = unsigned((E + kFinalizeExperts - 1) / kFinalizeExperts);
   aux_finalize_kernel<<<finalize_blocks, kFinalizeWarps * 32, 0, stream>>>(aux.ws_colsum, aux.ws_counts, l.launched,
                                                                           E, cs, cn);
+  aux_loss_of_statistics_kernel<<<1, kWarpsPerBlock * 32, 0, stream>>>(c_coeff, E, {cs, cn, out_loss});
   return launch_status("route_with_aux_loss forward (statistics)");
 }
 
@@ -1737,9 +1965,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_fwd_cuda, route_aux_fwd,
                                                    .Ret<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>()
+                                                   .Ret<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>())
                                   .Attr<int64_t>("aux_topk")
-                                  .Attr<int64_t>("aux_score_function"),
+                                  .Attr<int64_t>("aux_score_function")
+                                  .Attr<float>("c_coeff"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_bwd_cuda, route_aux_bwd,

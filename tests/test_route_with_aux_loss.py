@@ -144,7 +144,7 @@ def _statistics(x, bias, score_function, num_groups, group_topk, scaling):
                                            scaling)
     out = jax_moe.routing.route_aux_fwd_p.bind(
         x, jax_moe.routing._check_bias(bias, experts), **config._asdict(), aux_topk=8,
-        aux_score_function=jax_moe.routing.checks.score_function(score_function))
+        aux_score_function=jax_moe.routing.checks.score_function(score_function), c_coeff=1.0)
     return np.asarray(out[2]), np.asarray(out[3])
 
 
