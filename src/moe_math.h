@@ -49,10 +49,14 @@ MOE_HD float bits_float(uint32_t u) {
 MOE_HD float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 
 MOE_HD uint16_t float_to_bf16(float f) {
+#ifdef __CUDA_ARCH__
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));  // one conversion instruction (sm_80+); NaN stays NaN
+#else
   uint32_t u = float_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);                                          // round to nearest even
   return uint16_t(u >> 16);
+#endif
 }
 
 MOE_HD float f16_to_float(uint16_t h) {

@@ -11,9 +11,11 @@
 // have a lean kernel besides (route_deepseek_v3_kernel), which takes the segment code only for the rows it refuses.
 // aux_loss_scores' forward also takes the segment path where that is faster (segment_scores_cuda.h).
 // The fused aux variant also accumulates clean-score column sums and top-k counts per block into a
-// workspace [blocks, E], which a second small kernel adds up in block order: deterministic.
+// workspace [blocks, E], which a second small kernel adds up in block order: deterministic. DeepSeek-V3's 16-bit
+// rows take route_deepseek_v3_aux_kernel instead, which totals them itself (64-bit fixed point) and forms the loss.
 // Backward: the shared backward row algorithm, run by 1, 8 or 32 lanes a token (dispatch_bwd_lanes);
-// the fused aux backward for E <= 256 keeps each row in registers between its two walks.
+// the fused aux backward for E <= 256 keeps each row in registers between its two walks (DeepSeek-V3's 16-bit
+// rows: route_aux_bwd_deepseek_v3_kernel).
 #include <cuda/atomic>
 #include <cuda_runtime.h>
 
@@ -812,10 +814,45 @@ __device__ void word_to_floats(uint32_t w, float& lo, float& hi) {
   }
 }
 
-// This lane's 32 logits of row t0 + segment (a copy of the last row past T).
+// max and min of each 16-bit half of two words (ignoring a NaN, as fmaxf).
+template <class In>
+__device__ uint32_t max2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (std::is_same_v<In, BF16>) asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+template <class In>
+__device__ uint32_t min2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (std::is_same_v<In, BF16>) asm("min.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else asm("min.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+// The best two of a lane's 32 logits, kept a pair of halves at a time (3 instructions a word where the floats took 3
+// an element).
+template <class In>
+struct LaneTop2 {
+  uint32_t t1 = 0xff80ff80u, t2 = 0xff80ff80u;  // -inf, -inf in both halves (bf16; f16 below)
+  __device__ LaneTop2() {
+    if constexpr (!std::is_same_v<In, BF16>) t1 = t2 = 0xfc00fc00u;
+  }
+  __device__ void add(uint32_t w) { t2 = max2<In>(t2, min2<In>(t1, w)), t1 = max2<In>(t1, w); }
+  __device__ void add(const uint4& p) { add(p.x), add(p.y), add(p.z), add(p.w); }
+  // The best and second best as floats.
+  __device__ void get(float& best, float& second) const {
+    float a1, b1, a2, b2;
+    word_to_floats<In>(t1, a1, b1);
+    word_to_floats<In>(t2, a2, b2);
+    best = fmaxf(a1, b1), second = fmaxf(fminf(a1, b1), fmaxf(a2, b2));
+  }
+};
+
+// This lane's 32 logits of row t0 + segment (a copy of the last row past T); with top2, also their best two.
 template <class In>
 __device__ void load_set_rows(const SegmentLanes<8>& g, const typename In::storage* x, int64_t t0, int64_t T,
-                              uint4* rows, float (&xv)[32]) {
+                              uint4* rows, float (&xv)[32], LaneTop2<In>* top2 = nullptr) {
   const uint4* first = reinterpret_cast<const uint4*>(x + t0 * 256) + loaded_piece(g.lane);
   const int last = int(min(T - 1 - t0, int64_t(3)));
   __syncwarp();  // a warp that loops: its previous set may still read the scratch
@@ -826,6 +863,7 @@ __device__ void load_set_rows(const SegmentLanes<8>& g, const typename In::stora
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const uint4 piece = mine[8 * j];
+    if (top2) top2->add(piece);
     word_to_floats<In>(piece.x, xv[8 * j], xv[8 * j + 1]);
     word_to_floats<In>(piece.y, xv[8 * j + 2], xv[8 * j + 3]);
     word_to_floats<In>(piece.z, xv[8 * j + 4], xv[8 * j + 5]);
@@ -1045,29 +1083,36 @@ struct DeepSeekV3AuxTotals {  // in the workspace, zeroed before the launch
 };
 constexpr float kColsumUnit = 4294967296.0f;  // 2^32: a block's sum of at most 2^7 tokens' scores < 2^39 units
 
+// The least score s with s · inv >= tau, from score (where score · inv = tau, inv > 0): as the rounded product is
+// monotonic in s, the scores whose clean scores reach tau are those >= s, one comparison a score instead of a product
+// and a comparison. Adjacent floats' products differ by 1/2 to 1 ulp, so the loop takes at most 2 steps.
+__device__ float least_score_reaching(float score, float inv, float tau) {
+  for (float below; score > 0.0f && (below = __uint_as_float(__float_as_uint(score) - 1u)) * inv >= tau;) score = below;
+  return score;
+}
+
 // Counts the top 8 by clean score (num[i] * inv) of the warp's 4 tokens into counts, where valid, unless some token
 // has more than kLeanCandidates candidates or candidates 2^24 keys apart: then it returns false, having counted
-// nothing. num is also at mine (this lane's row of the scratch). The selection: tau = the 8th best of the segment's
-// 16 lane top-2 scores (so that at least 8 reach it: 8.8 on average on random rows), the candidates the clean scores
-// >= tau's, sorted as the routing's. A row with a NaN has only NaN clean scores (inv is NaN), which tie: its top 8
-// are experts 0 to 7.
-__device__ bool aux_count_set_lean(const SegmentLanes<8>& g, const float (&num)[32], float inv, const float* mine,
-                                   uint32_t* cand, int* counts, bool valid) {
-  float t1 = -1.0f, t2 = -1.0f;  // this lane's best two scores (all >= +0.0: their bits rank them)
-#pragma unroll
-  for (int i = 0; i < 32; ++i) t2 = fmaxf(t2, fminf(t1, num[i])), t1 = fmaxf(t1, num[i]);
+// nothing. num is also at mine (this lane's row of the scratch); t1 and t2 are two of its scores, the lane's best.
+// The selection: tau = the 8th best of the segment's 16 lane top-2 scores (so that at least 8 reach it: 8.8 on
+// average on random rows), the candidates the clean scores >= tau's, sorted as the routing's. A row with a NaN has
+// only NaN clean scores (inv is NaN), which tie: its top 8 are experts 0 to 7.
+__device__ bool aux_count_set_lean(const SegmentLanes<8>& g, const float (&num)[32], float t1, float t2, float inv,
+                                   const float* mine, uint32_t* cand, int* counts, bool valid) {
   const uint32_t top16 = merge8(g, max(sort8<true>(g, __float_as_uint(t1)), sort8<false>(g, __float_as_uint(t2))));
-  const float tau = __uint_as_float(g.shfl(top16, 7)) * inv;  // that expert's clean score
+  const float score_at_tau = __uint_as_float(g.shfl(top16, 7));
+  const float tau = score_at_tau * inv;  // that expert's clean score
   const uint32_t tau_key = rank_key_unless_nan(tau);
   const bool nan = inv != inv;  // then no candidates: every comparison with NaN fails
   // The segment's shuffles run on every lane: inside `!nan && ...` they ran on some lanes only, which hung the warp
   // or faulted (illegal instruction) on NaN rows (sessions 19-20).
   const float top = g.fmax(t1) * inv;
-  bool exact = !nan && rank_key_unless_nan(top) - tau_key >= (1u << 24);
+  bool exact = !nan && rank_key_unless_nan(top) - tau_key >= (1u << 24) - 256;  // see the kernel's top2
+  const float cut = nan ? NAN : least_score_reaching(score_at_tau, inv, tau);
   uint32_t mask = 0;
 #pragma unroll
   for (int i = 0; i < 32; ++i)
-    if (num[i] * inv >= tau) mask |= 1u << i;
+    if (num[i] >= cut) mask |= 1u << i;
   const int count = __popc(mask);
   const int first = g.exclusive_sum(count);
   const int total = g.shfl(first + count, 7);
@@ -1093,13 +1138,34 @@ __device__ __noinline__ void aux_count_set_exact(int lane, const typename In::st
   count_clean_topk<8, 32, Spread::kRun>(g, 8, num, inv, 256, valid, *s, counts);  // ends with __syncwarp
 #pragma unroll
   for (int c4 = 0; c4 < 8; ++c4)
-    *reinterpret_cast<float4*>(mine + 4 * c4) = make_float4(num[4 * c4], num[4 * c4 + 1], num[4 * c4 + 2], num[4 * c4 + 3]);
+    *reinterpret_cast<float4*>(mine + 4 * c4) =
+        make_float4(num[4 * c4], num[4 * c4 + 1], num[4 * c4 + 2], num[4 * c4 + 3]);
+}
+
+// Adds token j's (of the block) clean scores of experts 4 quad to 4 quad + 3 to column: one 16-byte load of the
+// scores the token's segment lane quad / 8 keeps in its selection row (a quarter warp reads 128 contiguous bytes).
+__device__ void add_scores(float4& column, const DeepSeekV3WarpMemory* memory, const float* inv_of, int j, int quad) {
+  const float4 v = *reinterpret_cast<const float4*>(&memory[j / 4].lean.sel[8 * (j % 4) + quad / 8][4 * (quad % 8)]);
+  const float inv = inv_of[j];
+  column.x = fmaf(v.x, inv, column.x), column.y = fmaf(v.y, inv, column.y);
+  column.z = fmaf(v.z, inv, column.z), column.w = fmaf(v.w, inv, column.w);
+}
+
+// The block's column sum of expert threadIdx.x: the 4 parts of add_scores' tokens added in order, through the warps'
+// memory (free once the block's tokens are routed).
+__device__ float block_column_sum(float4 column, DeepSeekV3WarpMemory* memory) {
+  float* parts = reinterpret_cast<float*>(memory);  // [part][expert]
+  __syncthreads();
+  reinterpret_cast<float4*>(parts)[threadIdx.x] = column;
+  __syncthreads();
+  const int e = threadIdx.x;
+  return ((parts[e] + parts[256 + e]) + parts[512 + e]) + parts[768 + e];
 }
 
 // One resident wave of blocks of 32 tokens at most (the grid depends on T alone), looping over the tokens in
-// step: between the aux selection and the routing the block adds up its clean scores, a thread the column of one
-// expert. The scores wait in shared memory meanwhile (in registers, across the barriers and the exact paths' calls,
-// they spilled 572 bytes). Shared memory: the bias, the block's counts, each token's 1 / Σ score, then a
+// step: between the aux selection and the routing the block adds up its clean scores, a thread 4 experts' columns
+// over 8 tokens (add_scores). The scores wait in shared memory meanwhile (in registers, across the barriers and the
+// exact paths' calls, they spilled 572 bytes). Shared memory: the bias, the block's counts, each token's 1 / Σ score, then a
 // DeepSeekV3WarpMemory a warp, whose selection rows hold the scores until the routing adds the bias.
 template <class In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
@@ -1121,14 +1187,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
   counts[threadIdx.x] = 0;
   __syncthreads();
   const float4* b4 = reinterpret_cast<const float4*>(sbias) + g.sl;
-  float column = 0.0f;  // expert threadIdx.x's clean scores of the block's tokens
+  // This thread's column sums: experts 4 quad to 4 quad + 3 over the block's tokens 8 part to 8 part + 7.
+  const int quad = threadIdx.x % 64, part = threadIdx.x / 64;
+  float4 column = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   for (int64_t block_t0 = int64_t(blockIdx.x) * 32; block_t0 < T; block_t0 += int64_t(gridDim.x) * 32) {
     const int64_t t0 = block_t0 + warp * 4, t = t0 + g.segment();
     const bool active = t0 < T, valid = t < T;
     const int64_t r = valid ? t : T - 1;
     if (active) {
-      float num[32];
-      load_set_rows<In>(g, x, t0, T, s.rows, num);
+      float num[32], best, second;
+      LaneTop2<In> top2;
+      load_set_rows<In>(g, x, t0, T, s.rows, num, &top2);
+      top2.get(best, second);
       __syncwarp();  // the rows are read: the scratch takes the scores
       float sum = 0.0f;
 #pragma unroll
@@ -1141,17 +1211,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       const float inv = 1.0f / (g.sum(sum) + kEps);  // as segment_clean_scores
       if (g.sl == 0) inv_of[4 * warp + g.segment()] = inv;
       __syncwarp();  // mine is stored
-      if (!aux_count_set_lean(g, num, inv, mine, s.cand[g.segment()], counts, valid))
+      // The lane's best two scores are the scores of its best two logits: sigmoid is monotonic (if its
+      // approximation were not, by an ulp, tau would still be a score of 8 experts, and the maximum's key off by a
+      // few units: the margin of aux_count_set_lean's test).
+      if (!aux_count_set_lean(g, num, sigmoid(best), sigmoid(second), inv, mine, s.cand[g.segment()], counts, valid))
         aux_count_set_exact<In>(g.lane, x + r * E, inv, valid, &memory[warp].exact, mine, counts);
     }
     __syncthreads();
-    const int sl = threadIdx.x / 32, i = threadIdx.x % 32;
     const int tokens = int(min(T - block_t0, int64_t(32)));
     if (tokens == 32) {
 #pragma unroll
-      for (int j = 0; j < 32; ++j) column = fmaf(memory[j / 4].lean.sel[8 * (j % 4) + sl][i], inv_of[j], column);
+      for (int j = 0; j < 8; ++j) add_scores(column, memory, inv_of, 8 * part + j, quad);
     } else {
-      for (int j = 0; j < tokens; ++j) column = fmaf(memory[j / 4].lean.sel[8 * (j % 4) + sl][i], inv_of[j], column);
+      for (int j = 8 * part; j < min(8 * part + 8, tokens); ++j) add_scores(column, memory, inv_of, j, quad);
     }
     __syncthreads();
     if (!active) continue;
@@ -1168,8 +1240,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       route_set_exact<In>(g.lane, scaling, x + r * E, valid, b4, &memory[warp].exact, w + r * K, idx + r * K);
   }
   const int e = threadIdx.x;
-  if (column != column) atomicOr(&totals->nan, 1u);
-  atomicAdd(&totals->colsum[e], __float2ull_rn(column * kColsumUnit));
+  const float colsum = block_column_sum(column, memory);
+  if (colsum != colsum) atomicOr(&totals->nan, 1u);
+  atomicAdd(&totals->colsum[e], __float2ull_rn(colsum * kColsumUnit));
   atomicAdd(&totals->counts[e], unsigned(counts[e]));
   __shared__ bool last;
   __syncthreads();  // every thread's totals before thread 0's release
@@ -1526,6 +1599,108 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
+// route_with_aux_loss's backward for DeepSeek-V3's 16-bit rows, in route_deepseek_v3_kernel's layout (a warp a set
+// of 4 tokens, lane sl of a token's 8 holding experts 32 sl to 32 sl + 31, rows loaded and stored whole through the
+// warp's scratch): each score computed once and kept in registers between the row's sums and its d logits, the d
+// scores staged in shared memory (route_aux_bwd_registers_kernel computes the scores twice and reads the d scores
+// from global memory, an element at a time). The same math as route_aux_bwd_of: d logits = the clean scores'
+// gradient of dscale, plus the routing gradient at the chosen experts (renormalised sigmoid weights, one a lane).
+template <class In>
+__device__ float staged_logit(const uint4* rows, int segment, int e) {  // as load_set_rows stored the row
+  const int piece = e / 8;
+  const uint4* held = rows + 32 * segment + 8 * (piece % 4) + piece / 4;
+  return In::to_float(reinterpret_cast<const typename In::storage*>(held)[e % 8]);
+}
+
+// The lanes' 32 values a lane (words as load_set_rows' pieces) written to the rows t0 + segment < T: staged in rows,
+// then 4 warp stores of 512 contiguous bytes.
+template <class In>
+__device__ void store_set_rows(const SegmentLanes<8>& g, typename In::storage* out, int64_t t0, int64_t T, uint4* rows,
+                               const uint32_t (&words)[16]) {
+  __syncwarp();  // the rows' reads are done
+  uint4* mine = rows + 32 * g.segment() + g.sl;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    mine[8 * j] = make_uint4(words[4 * j], words[4 * j + 1], words[4 * j + 2], words[4 * j + 3]);
+  __syncwarp();
+  uint4* first = reinterpret_cast<uint4*>(out + t0 * 256) + loaded_piece(g.lane);
+  const int last = int(min(T - 1 - t0, int64_t(3)));
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+    if (r <= last) first[r * 32] = rows[32 * r + g.lane];
+}
+
+// d sigmoid / dx from the sigmoid s, s (1 - s), as one fma.
+__device__ float sigmoid_grad(float s) { return fmaf(-s, s, s); }
+
+// lo and hi converted to In's 16-bit type, in one word (one instruction).
+template <class In>
+__device__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<In, BF16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+template <class In>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
+    route_aux_bwd_deepseek_v3_kernel(float scaling, const typename In::storage* __restrict__ x,
+                                     const int32_t* __restrict__ idx, const float* __restrict__ dw,
+                                     const float* __restrict__ dscale, typename In::storage* __restrict__ dx,
+                                     int64_t T) {
+  constexpr int E = 256, K = 8;
+  __shared__ __align__(16) float sg[E];  // dscale, laid out as route_deepseek_v3_kernel's bias
+  __shared__ uint4 rows[kWarpsPerBlock][4 * 32];
+  const int warp = threadIdx.x / 32;
+  const SegmentLanes<8> g(threadIdx.x & 31);
+  sg[bias_slot<8, 32>(threadIdx.x)] = dscale[threadIdx.x];
+  __syncthreads();
+  const float4* g4 = reinterpret_cast<const float4*>(sg) + g.sl;
+  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * 4;
+  for (int64_t t0 = (int64_t(blockIdx.x) * kWarpsPerBlock + warp) * 4; t0 < T; t0 += stride) {
+    const int64_t t = t0 + g.segment();
+    const bool valid = t < T;
+    const int64_t r = valid ? t : T - 1;
+    float s[32];
+    load_set_rows<In>(g, x, t0, T, rows[warp], s);
+    float sum = 0.0f, dot = 0.0f;
+#pragma unroll
+    for (int c4 = 0; c4 < 8; ++c4) {
+      const float4 gv = g4[c4 * 8];
+      const float gs[4] = {gv.x, gv.y, gv.z, gv.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float v = s[4 * c4 + j] = sigmoid(s[4 * c4 + j]);
+        sum += v, dot = fmaf(gs[j], v, dot);
+      }
+    }
+    const RenormGrad clean = renorm_grad(true, g.sum(sum), g.sum(dot));
+    // The routing gradient of the token's chosen expert g.sl (as route_row_grad; an index out of range: NaN).
+    const int e = idx[r * K + g.sl];
+    const bool chosen = e >= 0 && e < E;
+    const float v = sigmoid(chosen ? staged_logit<In>(rows[warp], g.segment(), e) : NAN);
+    const float hw = scaling * dw[r * K + g.sl];
+    const RenormGrad route = renorm_grad(true, g.sum(v), g.sum(hw * v));
+    uint32_t words[16];
+#pragma unroll
+    for (int c4 = 0; c4 < 8; ++c4) {
+      const float4 gv = g4[c4 * 8];
+      const float* q = s + 4 * c4;
+      words[2 * c4] = pack2<In>(clean.h(gv.x) * sigmoid_grad(q[0]), clean.h(gv.y) * sigmoid_grad(q[1]));
+      words[2 * c4 + 1] = pack2<In>(clean.h(gv.z) * sigmoid_grad(q[2]), clean.h(gv.w) * sigmoid_grad(q[3]));
+    }
+    store_set_rows<In>(g, dx, t0, T, rows[warp], words);
+    __syncwarp();  // the chosen experts' d logits replace the row's
+    if (valid && chosen) {
+      const float dv = sigmoid_grad(v);
+      dx[r * E + e] = In::from_float(route.h(hw) * dv + clean.h(sg[bias_slot<8, 32>(e)]) * dv);
+    }
+  }
+}
+
 // ------------------------------------------------------------------- launch
 // The smallest power of two >= E, for the thread path (E <= 32).
 int thread_row_width(int64_t E) {
@@ -1872,6 +2047,15 @@ ffi::Error launch_route_bwd(cudaStream_t stream, int32_t device, const RouteBwdB
     const bool aligned = row_bytes % 16 == 0 && aligned16(b.logits) && aligned16(b.dlogits);
     dispatch_bwd_lanes(E, [&]<int W>() {
       if constexpr (W == 8 && kAux) {
+        if constexpr (sizeof(S) == 2) {
+          if (aligned && fixed_config(b.config, nullptr) == Fixed::kDeepSeekV3 && aux_f == ScoreFunction::kSigmoid) {
+            const unsigned grid = unsigned(std::min<int64_t>((b.tokens + 31) / 32, INT_MAX));
+            route_aux_bwd_deepseek_v3_kernel<In><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+                b.config.scaling_factor, static_cast<const S*>(b.logits), b.indices, b.dweights, dscale,
+                static_cast<S*>(b.dlogits), b.tokens);
+            return;
+          }
+        }
         if (aligned && launch_aux_bwd_registers<In>(stream, dev, b, register_chunks(row_bytes / 16, W), aux_f, dscale))
           return;
       }
