@@ -88,21 +88,24 @@ def test_gradient_is_routing_plus_aux_gradient(rng, experts, topk, route_kwargs,
         return jnp.sum(routing.weights * cot) + loss_weight * loss
 
     sf = aux_sf or route_kwargs.get("score_function", "softmax")
-    ref_loss, tpe, c_coeff = _np_aux_loss(np.asarray(x), aux_topk or topk, sf, 0.01)
-    # d loss / d logits through the clean scores, the float64 formula of SPEC §2.
-    dscores = loss_weight * c_coeff * tpe.astype(np.float64)
+    _, tpe, c_coeff = _np_aux_loss(np.asarray(x), aux_topk or topk, sf, 0.01)
+    want = _np_gradient(x, cot, topk, route_kwargs, sf, loss_weight * c_coeff * tpe)
+    np.testing.assert_allclose(jax.grad(fused)(x), want, rtol=1e-4, atol=1e-6)
+
+
+def _np_gradient(x, cot, topk, route_kwargs, aux_score_function, dscores):
+    """Float64 d logits of sum(weights · cot) + the aux loss whose d clean scores are dscores [E] (SPEC §2)."""
     x64 = np.asarray(x, np.float64)
-    s = _clean_scores(x64, sf)
-    if sf == "softmax":
+    s = _clean_scores(x64, aux_score_function)
+    if aux_score_function == "softmax":
         aux_grad = s * (dscores - (s * dscores).sum(-1, keepdims=True))
     else:
-        a = 1 / (1 + np.exp(-x64)) if sf == "sigmoid" else np.sqrt(np.log1p(np.exp(x64)))
-        da = a * (1 - a) if sf == "sigmoid" else (1 / (1 + np.exp(-x64))) / (2 * a)
+        sigmoid = 1 / (1 + np.exp(-x64))
+        a = sigmoid if aux_score_function == "sigmoid" else np.sqrt(np.log1p(np.exp(x64)))
+        da = a * (1 - a) if aux_score_function == "sigmoid" else sigmoid / (2 * a)
         total = a.sum(-1, keepdims=True) + 1e-20
         aux_grad = (dscores - (dscores * a).sum(-1, keepdims=True) / total) / total * da
-    route_grad = np_reference.route_vjp(x64, topk, np.asarray(cot, np.float64), **route_kwargs)
-    got = jax.grad(fused)(x)
-    np.testing.assert_allclose(got, route_grad + aux_grad, rtol=1e-4, atol=1e-6)
+    return np_reference.route_vjp(x64, topk, np.asarray(cot, np.float64), **route_kwargs) + aux_grad
 
 
 # DeepSeek-V3's config and Qwen3-MoE's router shape (128 experts, softmax, top 8) have fused kernels compiled
@@ -216,6 +219,30 @@ def test_16bit_gradient_is_the_float32_gradient_rounded(rng, dtype):
     want = jax.grad(fused)(x.astype(jnp.float32))
     assert got.dtype == dtype
     np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=8e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gradient_of_nan_rows_stays_in_those_rows(rng, dtype):
+    """A NaN logit makes its row's d logits NaN (its clean-score sum is NaN); the other rows' d logits are the
+    float64 ones, with the NaN rows' counts (experts 0-7) in the aux loss. 75 tokens: some warps of the CUDA
+    backward hold a NaN row and clean ones."""
+    x = np.asarray(_logits(rng, 75, 256, dtype).astype(jnp.float32), np.float64)
+    nan_rows = np.array([0, 9, 42, 74])
+    x[nan_rows, rng.integers(0, 256, len(nan_rows))] = np.nan
+    cot = rng.normal(size=(75, 8)).astype(np.float32)
+    loss_weight = 50.0
+
+    def fused(x):
+        routing, loss = jax_moe.route_with_aux_loss(x, 8, aux_coeff=1e-2, **DSV3)
+        return jnp.sum(routing.weights * cot) + loss_weight * loss
+
+    got = np.asarray(jax.grad(fused)(jnp.asarray(x, dtype)).astype(jnp.float32))
+    assert np.isnan(got[nan_rows]).all()
+    _, tpe, c_coeff = _np_aux_loss(x, 8, "sigmoid", 1e-2)
+    others = np.setdiff1d(np.arange(75), nan_rows)
+    want = _np_gradient(x[others], cot[others], 8, DSV3, "sigmoid", loss_weight * c_coeff * tpe)
+    tolerance = dict(rtol=1e-4, atol=1e-6) if dtype == jnp.float32 else dict(rtol=8e-3, atol=1e-6)
+    np.testing.assert_allclose(got[others], want, **tolerance)
 
 
 def test_deterministic(rng):
