@@ -913,21 +913,38 @@ __device__ uint32_t top8_of_16(const SegmentLanes<8>& g, const uint32_t* v) {
   return merge8(g, max(sort8<true>(g, v[g.sl]), sort8<false>(g, v[8 + g.sl])));
 }
 
-// The expert of rank g.sl among a segment's candidates: this lane's are its experts i at the bits of mask, of rank
-// keys key_of(i) >= tau_key and within 2^24 of it, the segment's first to first + count of total <= kLeanCandidates.
-// Their sort keys, the value's key above tau's then 255 - expert, are sorted in chunks of 16 as the warp's fullest
-// token needs.
+// A segment's candidates, its values v[i] >= cut: this lane's as the bits of mask, the slot of its first among the
+// segment's, and the segment's total.
+struct SegmentCandidates {
+  uint32_t mask = 0;
+  int first, total;
+};
+
+__device__ SegmentCandidates candidates_reaching(const SegmentLanes<8>& g, const float (&v)[32], float cut) {
+  SegmentCandidates c;
+#pragma unroll
+  for (int i = 0; i < 32; ++i)
+    if (v[i] >= cut) c.mask |= 1u << i;
+  const int count = __popc(c.mask);
+  c.first = g.exclusive_sum(count);
+  c.total = g.shfl(c.first + count, 7);
+  return c;
+}
+
+// The expert of rank g.sl among a segment's candidates c (c.total <= kLeanCandidates), whose rank keys key_of(i) are
+// >= tau_key and within 2^24 of it. Their sort keys, the value's key above tau's then 255 - expert, are sorted in
+// chunks of 16 as the warp's fullest token needs.
 template <class KeyOf>
-__device__ int top8_of_candidates(const SegmentLanes<8>& g, uint32_t mask, int first, int total, KeyOf key_of,
-                                  uint32_t tau_key, uint32_t* cand) {
-  const int chunks = (__reduce_max_sync(kFullMask, total) + 15) / 16;
+__device__ int top8_of_candidates(const SegmentLanes<8>& g, SegmentCandidates c, KeyOf key_of, uint32_t tau_key,
+                                  uint32_t* cand) {
+  const int chunks = (__reduce_max_sync(kFullMask, c.total) + 15) / 16;
   const uint32_t key_base = 255u - uint32_t(g.sl * 32) - tau_key * 256u;
-  for (int slot = first; mask; mask &= mask - 1, ++slot) {
-    const int i = __ffs(mask) - 1;
+  for (int slot = c.first; c.mask; c.mask &= c.mask - 1, ++slot) {
+    const int i = __ffs(c.mask) - 1;
     cand[slot] = key_of(i) * 256u + (key_base - uint32_t(i));
   }
   // Key 0 ranks last (or ties expert 255 at tau, which decodes the same).
-  for (int z = total + g.sl; z < 16 * chunks; z += 8) cand[z] = 0;
+  for (int z = c.total + g.sl; z < 16 * chunks; z += 8) cand[z] = 0;
   __syncwarp();
   uint32_t best = top8_of_16(g, cand);
   for (int q = 1; q < chunks; ++q)  // the top 8 so far against the chunk's, reversed: a bitonic sequence
@@ -966,19 +983,13 @@ __device__ bool route_set_lean(const SegmentLanes<8>& g, float scaling, const fl
   // A candidate's key: its value's rank key above tau's, then 255 - expert; exact while the keys differ by < 2^24.
   const uint32_t tau_key = rank_key_unless_nan(tau);
   bool exact = score != score || rank_key_unless_nan(top) - tau_key >= (1u << 24);
-  const float cut = kept ? tau : NAN;  // nothing reaches NaN: dropped groups have no candidates
-  uint32_t mask = 0;
-#pragma unroll
-  for (int i = 0; i < 32; ++i)
-    if (sel[i] >= cut) mask |= 1u << i;
-  const int count = __popc(mask);
-  const int first = g.exclusive_sum(count);
-  const int total = g.shfl(first + count, 7);
-  exact |= total > kLeanCandidates;
+  // Nothing reaches NaN: dropped groups have no candidates.
+  const SegmentCandidates c = candidates_reaching(g, sel, kept ? tau : NAN);
+  exact |= c.total > kLeanCandidates;
   if (__any_sync(kFullMask, exact)) return false;
   const float* mine = s.sel[g.lane];
   const int expert = top8_of_candidates(
-      g, mask, first, total, [&](int i) { return rank_key_unless_nan(mine[i]); }, tau_key, s.cand[g.segment()]);
+      g, c, [&](int i) { return rank_key_unless_nan(mine[i]); }, tau_key, s.cand[g.segment()]);
   const float v = sigmoid(In::to_float(row[expert]));  // as write_routing: weights from the logits
   const float total_v = g.sum(v) + kEps;
   if (valid) w_out[g.sl] = v / total_v * scaling, idx_out[g.sl] = expert;
@@ -1108,18 +1119,10 @@ __device__ bool aux_count_set_lean(const SegmentLanes<8>& g, const float (&num)[
   // or faulted (illegal instruction) on NaN rows (sessions 19-20).
   const float top = g.fmax(t1) * inv;
   bool exact = !nan && rank_key_unless_nan(top) - tau_key >= (1u << 24) - 256;  // see the kernel's top2
-  const float cut = nan ? NAN : least_score_reaching(score_at_tau, inv, tau);
-  uint32_t mask = 0;
-#pragma unroll
-  for (int i = 0; i < 32; ++i)
-    if (num[i] >= cut) mask |= 1u << i;
-  const int count = __popc(mask);
-  const int first = g.exclusive_sum(count);
-  const int total = g.shfl(first + count, 7);
-  exact |= total > kLeanCandidates;
+  const SegmentCandidates c = candidates_reaching(g, num, nan ? NAN : least_score_reaching(score_at_tau, inv, tau));
+  exact |= c.total > kLeanCandidates;
   if (__any_sync(kFullMask, exact)) return false;
-  const int expert = top8_of_candidates(
-      g, mask, first, total, [&](int i) { return rank_key_unless_nan(mine[i] * inv); }, tau_key, cand);
+  const int expert = top8_of_candidates(g, c, [&](int i) { return rank_key_unless_nan(mine[i] * inv); }, tau_key, cand);
   if (valid) atomicAdd(&counts[nan ? g.sl : expert], 1);
   return true;
 }
@@ -1165,8 +1168,8 @@ __device__ float block_column_sum(float4 column, DeepSeekV3WarpMemory* memory) {
 // One resident wave of blocks of 32 tokens at most (the grid depends on T alone), looping over the tokens in
 // step: between the aux selection and the routing the block adds up its clean scores, a thread 4 experts' columns
 // over 8 tokens (add_scores). The scores wait in shared memory meanwhile (in registers, across the barriers and the
-// exact paths' calls, they spilled 572 bytes). Shared memory: the bias, the block's counts, each token's 1 / Σ score, then a
-// DeepSeekV3WarpMemory a warp, whose selection rows hold the scores until the routing adds the bias.
+// exact paths' calls, they spilled 572 bytes). Shared memory: the bias, the block's counts, each token's 1 / Σ score,
+// then a DeepSeekV3WarpMemory a warp, whose selection rows hold the scores until the routing adds the bias.
 template <class In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_deepseek_v3_aux_kernel(float scaling, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
