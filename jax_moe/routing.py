@@ -306,9 +306,9 @@ def _loss_of_statistics(colsum, counts, c_coeff: float) -> jax.Array:
 def _route_aux_bwd(config, aux, residuals, cotangents):
     logits, indices, counts, zero_bias = residuals
     dweights, _, dloss = cotangents
-    dscale = (aux.c_coeff * dloss) * counts.astype(jnp.float32)  # d loss / d clean score, every row
-    (dlogits,) = route_aux_bwd_p.bind(logits, indices, dweights, dscale, **config._asdict(),
-                                      aux_score_function=aux.score_function)
+    # The kernel forms d loss / d clean score, (C_coeff · dloss) · counts, for every row: no XLA kernel for it.
+    (dlogits,) = route_aux_bwd_p.bind(logits, indices, dweights, counts, dloss, **config._asdict(),
+                                      aux_score_function=aux.score_function, c_coeff=aux.c_coeff)
     return dlogits, zero_bias
 
 
@@ -361,4 +361,4 @@ route_aux_fwd_p = kernel_primitive("jax_moe_route_aux_fwd", _route_aux_fwd_abstr
                                    TokenParallel(replicated=(1,), reduced=(2, 3, 4), scratch=(5, 6),
                                                  combine=_combine_route_aux))
 route_aux_bwd_p = kernel_primitive("jax_moe_route_aux_bwd", _route_bwd_abstract, batch_per_call,
-                                   TokenParallel(replicated=(3,)))
+                                   TokenParallel(replicated=(3, 4)))

@@ -168,9 +168,13 @@ inline ffi::ErrorOr<int64_t> check_route_aux_outputs(int64_t E, int64_t aux_topk
   return wd[0];
 }
 
-inline std::optional<ffi::Error> check_aux_dscale(int64_t E, int64_t aux_score_function, const ffi::AnyBuffer& dscale) {
+// route_with_aux_loss's backward: the forward's counts and the loss cotangent.
+inline std::optional<ffi::Error> check_aux_cotangent(int64_t E, int64_t aux_score_function, const ffi::AnyBuffer& counts,
+                                                     const ffi::AnyBuffer& dloss) {
   if (aux_score_function < 0 || aux_score_function > 2) return invalid("unknown aux_score_function");
-  if (!is_vector(dscale, ffi::DataType::F32, E)) return invalid("aux score cotangent must be float32 [num_experts]");
+  if (!is_vector(counts, ffi::DataType::S32, E)) return invalid("aux counts must be int32 [num_experts]");
+  if (dloss.element_type() != ffi::DataType::F32 || dloss.dimensions().size() != 0)
+    return invalid("the aux loss cotangent must be a float32 scalar");
   return std::nullopt;
 }
 

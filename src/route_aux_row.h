@@ -3,7 +3,7 @@
 // Forward: besides the routing outputs, each row adds its clean scores to per-expert column sums
 // and counts its top-aux_topk experts by clean score; the loss is C_coeff * Σ_e colsum_e * count_e,
 // formed once all rows are in. Backward: the routing gradient plus the clean-score gradient of
-// dscores_e = C_coeff * count_e * g, identical for every row, in the same pass.
+// dscores_e = C_coeff * count_e * g (AuxCotangent), identical for every row, in the same pass.
 #pragma once
 
 #include "aux_loss_row.h"
@@ -13,6 +13,15 @@ namespace jax_moe {
 struct AuxConfig {
   int64_t topk;
   ScoreFunction score_function;
+};
+
+// The backward's d scores C_coeff · g · counts[e] for the loss cotangent g, formed in the kernels (g is a buffer: on
+// the device, in device memory) in the order of the XLA kernel they replace, (C_coeff · g) · counts[e].
+struct AuxCotangent {
+  const int32_t* counts;
+  const float* dloss;
+  float c_coeff;
+  MOE_HD ScaledCounts scores() const { return ScaledCounts{Counts{counts, true}, c_coeff * *dloss}; }
 };
 
 // Expert e's term of the loss C_coeff · Σ_e colsum_e · counts_e (C_coeff inside the sum, as XLA formed it).

@@ -99,20 +99,20 @@ ffi::Error route_bwd(ffi::AnyBuffer logits, ffi::AnyBuffer indices, ffi::AnyBuff
 }
 
 ffi::Error route_aux_bwd(ffi::AnyBuffer logits, ffi::AnyBuffer indices, ffi::AnyBuffer dweights,
-                         ffi::AnyBuffer dscale, ffi::Result<ffi::AnyBuffer> dlogits, int64_t topk,
+                         ffi::AnyBuffer counts, ffi::AnyBuffer dloss, ffi::Result<ffi::AnyBuffer> dlogits, int64_t topk,
                          int64_t score_function, bool pre, int64_t num_groups, int64_t group_topk,
                          int64_t group_score_topn, bool renormalize, float scaling_factor,
-                         int64_t aux_score_function) {
+                         int64_t aux_score_function, float c_coeff) {
   auto checked = check_route_bwd(logits, indices, dweights, *dlogits,
                                  make_route_config(0, topk, score_function, pre, num_groups, group_topk,
                                                    group_score_topn, renormalize, scaling_factor));
   if (checked.has_error()) return checked.error();
-  if (auto err = check_aux_dscale(checked->config.num_experts, aux_score_function, dscale)) return *err;
+  if (auto err = check_aux_cotangent(checked->config.num_experts, aux_score_function, counts, dloss)) return *err;
   const RouteConfig c = checked->config;
-  const float* ds = dscale.typed_data<float>();
+  const ScaledCounts ds = AuxCotangent{counts.typed_data<int32_t>(), dloss.typed_data<float>(), c_coeff}.scores();
   const ScoreFunction aux_f = ScoreFunction(aux_score_function);
   return route_bwd_rows(*checked, [&]<class In>(const auto* x, const int32_t* idx, const float* dw, auto* dx) {
-    route_aux_bwd_row<SerialLanes, In>(SerialLanes{}, c, aux_f, x, idx, dw, Counts{ds, false}, dx);
+    route_aux_bwd_row<SerialLanes, In>(SerialLanes{}, c, aux_f, x, idx, dw, ds, dx);
   });
 }
 
@@ -153,7 +153,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_bwd_cpu, route_aux_bwd,
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
+                                                   .Arg<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>())
-                                  .Attr<int64_t>("aux_score_function"));
+                                  .Attr<int64_t>("aux_score_function")
+                                  .Attr<float>("c_coeff"));
 
 }  // namespace jax_moe

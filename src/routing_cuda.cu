@@ -1551,7 +1551,7 @@ __device__ void zero_row(const Lanes& L, S* row, int64_t n) {
 template <class In, int W, bool kAux, Fixed kFixed>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_bwd_kernel(RouteConfig config, ScoreFunction aux_f, const typename In::storage* __restrict__ x,
-                     const int32_t* __restrict__ idx, const float* __restrict__ dw, const float* __restrict__ dscale,
+                     const int32_t* __restrict__ idx, const float* __restrict__ dw, AuxCotangent aux,
                      typename In::storage* __restrict__ dx, int64_t T) {
   const RouteConfig c = kernel_config<kFixed>(config);
   using R = RowGroupOf<W, kWarpsPerBlock>;
@@ -1566,7 +1566,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     const float* dwr = dw + t * k;
     auto* dxr = dx + t * E;
     if constexpr (kAux) {
-      route_aux_bwd_row<Lanes, In>(L, c, aux_f, xr, ir, dwr, Counts{dscale, false}, dxr);
+      route_aux_bwd_row<Lanes, In>(L, c, aux_f, xr, ir, dwr, aux.scores(), dxr);
     } else if (sparse) {  // only the chosen experts get a gradient: zero the row, then write them
       zero_row(L, dxr, E);  // first: its stores need nothing the loads below bring
       const RouteRowGrad<In> r = route_row_grad<Lanes, In>(L, c, xr, ir, dwr);
@@ -1588,12 +1588,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 template <class In, int R, ScoreFunction kAuxF, Fixed kFixed>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     route_aux_bwd_registers_kernel(RouteConfig config, const typename In::storage* __restrict__ x,
-                                   const int32_t* __restrict__ idx, const float* __restrict__ dw, Counts dscale,
+                                   const int32_t* __restrict__ idx, const float* __restrict__ dw, AuxCotangent aux,
                                    typename In::storage* __restrict__ dx, int64_t T) {
   const RouteConfig c = kernel_config<kFixed>(config);
   using Rows = RowGroupOf<8, kWarpsPerBlock>;
   const GroupLanes<8> L = Rows::lanes();
   const int64_t E = c.num_experts, k = c.topk;
+  const ScaledCounts dscale = aux.scores();
   for (int64_t t = Rows::first(); t < T; t += Rows::stride()) {
     const RowInRegisters<GroupLanes<8>, In, R> row(L, x + t * E, E);
     route_aux_bwd_of<GroupLanes<8>, In>(L, c, kAuxF, row, x + t * E, idx + t * k, dw + t * k, dscale, dx + t * E,
@@ -1651,15 +1652,14 @@ __device__ uint32_t pack2(float lo, float hi) {
 template <class In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_aux_bwd_deepseek_v3_kernel(float scaling, const typename In::storage* __restrict__ x,
-                                     const int32_t* __restrict__ idx, const float* __restrict__ dw,
-                                     const float* __restrict__ dscale, typename In::storage* __restrict__ dx,
-                                     int64_t T) {
+                                     const int32_t* __restrict__ idx, const float* __restrict__ dw, AuxCotangent aux,
+                                     typename In::storage* __restrict__ dx, int64_t T) {
   constexpr int E = 256, K = 8;
   __shared__ __align__(16) float sg[E];  // dscale, laid out as route_deepseek_v3_kernel's bias
   __shared__ uint4 rows[kWarpsPerBlock][4 * 32];
   const int warp = threadIdx.x / 32;
   const SegmentLanes<8> g(threadIdx.x & 31);
-  sg[bias_slot<8, 32>(threadIdx.x)] = dscale[threadIdx.x];
+  sg[bias_slot<8, 32>(threadIdx.x)] = aux.scores()(threadIdx.x);
   __syncthreads();
   const float4* g4 = reinterpret_cast<const float4*>(sg) + g.sl;
   const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock * 4;
@@ -2005,7 +2005,7 @@ constexpr int kBwdBlocksPerSM = 16;
 // the caller launches route_bwd_kernel).
 template <class In>
 bool launch_aux_bwd_registers(cudaStream_t stream, const DeviceLimits& dev, const RouteBwdBuffers& b, int R,
-                              ScoreFunction aux_f, const float* dscale) {
+                              ScoreFunction aux_f, AuxCotangent aux) {
   const unsigned grid = RowGroupOf<8, kWarpsPerBlock>::grid(b.tokens, dev.sm_count, kBwdBlocksPerSM);
   const auto launch = [&]<int kR, ScoreFunction kF>() {
     using S = typename In::storage;
@@ -2016,8 +2016,7 @@ bool launch_aux_bwd_registers(cudaStream_t stream, const DeviceLimits& dev, cons
       if (fixed_config(b.config, nullptr) == Fixed::kDeepSeekV3)
         kernel = route_aux_bwd_registers_kernel<In, kR, kF, Fixed::kDeepSeekV3>;
     kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(b.config, static_cast<const S*>(b.logits), b.indices,
-                                                     b.dweights, Counts{dscale, false},
-                                                     static_cast<S*>(b.dlogits), b.tokens);
+                                                     b.dweights, aux, static_cast<S*>(b.dlogits), b.tokens);
   };
   const auto by_function = [&]<int kR>() {
     with_score_function(aux_f, [&]<ScoreFunction kF>() { launch.template operator()<kR, kF>(); });
@@ -2040,7 +2039,7 @@ void dispatch_bwd_lanes(int64_t E, F&& f) {
 
 template <bool kAux>
 ffi::Error launch_route_bwd(cudaStream_t stream, int32_t device, const RouteBwdBuffers& b, ScoreFunction aux_f,
-                            const float* dscale) {
+                            AuxCotangent aux) {
   if (b.tokens == 0) return ffi::Error::Success();
   const DeviceLimits dev = device_limits(device);
   const int64_t E = b.config.num_experts;
@@ -2054,12 +2053,12 @@ ffi::Error launch_route_bwd(cudaStream_t stream, int32_t device, const RouteBwdB
           if (aligned && fixed_config(b.config, nullptr) == Fixed::kDeepSeekV3 && aux_f == ScoreFunction::kSigmoid) {
             const unsigned grid = unsigned(std::min<int64_t>((b.tokens + 31) / 32, INT_MAX));
             route_aux_bwd_deepseek_v3_kernel<In><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-                b.config.scaling_factor, static_cast<const S*>(b.logits), b.indices, b.dweights, dscale,
+                b.config.scaling_factor, static_cast<const S*>(b.logits), b.indices, b.dweights, aux,
                 static_cast<S*>(b.dlogits), b.tokens);
             return;
           }
         }
-        if (aligned && launch_aux_bwd_registers<In>(stream, dev, b, register_chunks(row_bytes / 16, W), aux_f, dscale))
+        if (aligned && launch_aux_bwd_registers<In>(stream, dev, b, register_chunks(row_bytes / 16, W), aux_f, aux))
           return;
       }
       const unsigned grid = RowGroupOf<W, kWarpsPerBlock>::grid(b.tokens, dev.sm_count, kBwdBlocksPerSM);
@@ -2071,7 +2070,7 @@ ffi::Error launch_route_bwd(cudaStream_t stream, int32_t device, const RouteBwdB
         if (fixed == Fixed::kSoftmax128Top8) kernel = route_bwd_kernel<In, W, kAux, Fixed::kSoftmax128Top8>;
       }
       kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(b.config, aux_f, static_cast<const S*>(b.logits), b.indices,
-                                                       b.dweights, dscale, static_cast<S*>(b.dlogits), b.tokens);
+                                                       b.dweights, aux, static_cast<S*>(b.dlogits), b.tokens);
     });
     return launch_status("route backward");
   });
@@ -2085,21 +2084,21 @@ ffi::Error route_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer logits,
                                  make_route_config(0, topk, score_function, pre, num_groups, group_topk,
                                                    group_score_topn, renormalize, scaling_factor));
   if (checked.has_error()) return checked.error();
-  return launch_route_bwd<false>(stream, device, *checked, ScoreFunction::kSoftmax, nullptr);
+  return launch_route_bwd<false>(stream, device, *checked, ScoreFunction::kSoftmax, AuxCotangent{});
 }
 
 ffi::Error route_aux_bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer logits, ffi::AnyBuffer indices,
-                         ffi::AnyBuffer dweights, ffi::AnyBuffer dscale, ffi::Result<ffi::AnyBuffer> dlogits,
-                         int64_t topk, int64_t score_function, bool pre, int64_t num_groups, int64_t group_topk,
-                         int64_t group_score_topn, bool renormalize, float scaling_factor,
-                         int64_t aux_score_function) {
+                         ffi::AnyBuffer dweights, ffi::AnyBuffer counts, ffi::AnyBuffer dloss,
+                         ffi::Result<ffi::AnyBuffer> dlogits, int64_t topk, int64_t score_function, bool pre,
+                         int64_t num_groups, int64_t group_topk, int64_t group_score_topn, bool renormalize,
+                         float scaling_factor, int64_t aux_score_function, float c_coeff) {
   auto checked = check_route_bwd(logits, indices, dweights, *dlogits,
                                  make_route_config(0, topk, score_function, pre, num_groups, group_topk,
                                                    group_score_topn, renormalize, scaling_factor));
   if (checked.has_error()) return checked.error();
-  if (auto err = check_aux_dscale(checked->config.num_experts, aux_score_function, dscale)) return *err;
+  if (auto err = check_aux_cotangent(checked->config.num_experts, aux_score_function, counts, dloss)) return *err;
   return launch_route_bwd<true>(stream, device, *checked, ScoreFunction(aux_score_function),
-                                dscale.typed_data<float>());
+                                AuxCotangent{counts.typed_data<int32_t>(), dloss.typed_data<float>(), c_coeff});
 }
 
 }  // namespace
@@ -2165,8 +2164,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_moe_route_aux_bwd_cuda, route_aux_bwd,
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
                                                    .Arg<ffi::AnyBuffer>()
+                                                   .Arg<ffi::AnyBuffer>()
                                                    .Ret<ffi::AnyBuffer>())
-                                  .Attr<int64_t>("aux_score_function"),
+                                  .Attr<int64_t>("aux_score_function")
+                                  .Attr<float>("c_coeff"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_moe

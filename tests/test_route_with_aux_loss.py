@@ -306,10 +306,15 @@ def test_shard_map_with_axis_name_is_global(rng):
         return routing.weights, loss
 
     sharded = jax.device_put(x, NamedSharding(mesh, P("x", None)))
-    weights, loss = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P("x"), out_specs=(P("x"), P())))(sharded)
+    mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=P("x"), out_specs=(P("x"), P()))
+    weights, loss = jax.jit(mapped)(sharded)
     full_routing, full_loss = jax_moe.route_with_aux_loss(x, 4, aux_coeff=0.01)
     np.testing.assert_allclose(weights, full_routing.weights, rtol=1e-6)
     np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-6)
+    # The backward's d scores take the global counts and the loss cotangent, both replicated.
+    grad = jax.jit(jax.grad(lambda x: mapped(x)[1]))(sharded)
+    full_grad = jax.grad(lambda x: jax_moe.route_with_aux_loss(x, 4, aux_coeff=0.01)[1])(x)
+    np.testing.assert_allclose(grad, full_grad, rtol=1e-5, atol=1e-10)
 
 
 @pytest.mark.parametrize(
