@@ -1221,6 +1221,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
         aux_count_set_exact<In>(g.lane, x + r * E, inv, valid, &memory[warp].exact, mine, counts);
     }
     __syncthreads();
+    // The block's counts are final after its last set's aux count: added to the call's totals now, under the column
+    // adds and the routing, rather than with the column sums at the end, where at one wave every block's atomics
+    // land at once and the last block's ticket waits for them (T = 16384: 19.7 -> 18.8 us in the harness, H200).
+    if (block_t0 + int64_t(gridDim.x) * 32 >= T)
+      atomicAdd(&totals->counts[threadIdx.x], unsigned(counts[threadIdx.x]));
     const int tokens = int(min(T - block_t0, int64_t(32)));
     if (tokens == 32) {
 #pragma unroll
@@ -1246,7 +1251,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
   const float colsum = block_column_sum(column, memory);
   if (colsum != colsum) atomicOr(&totals->nan, 1u);
   atomicAdd(&totals->colsum[e], __float2ull_rn(colsum * kColsumUnit));
-  atomicAdd(&totals->counts[e], unsigned(counts[e]));
   __shared__ bool last;
   __syncthreads();  // every thread's totals before thread 0's release
   if (threadIdx.x == 0) {
