@@ -292,15 +292,16 @@ def _route_aux_fwd(logits, bias, config, aux):
         logits, bias, **config._asdict(), aux_topk=aux.topk, aux_score_function=aux.score_function,
         c_coeff=aux.c_coeff)
     if aux.axes:  # the kernel's loss is this shard's alone
-        colsum, counts = jax.lax.psum((colsum, counts), aux.axes)
-        loss = _loss_of_statistics(colsum, counts, aux.c_coeff)
+        colsum, counts, loss = _global_statistics(colsum, counts, aux.axes, aux.c_coeff)
     return (weights, indices, loss), (logits, indices, counts, jnp.zeros_like(bias))
 
 
-def _loss_of_statistics(colsum, counts, c_coeff: float) -> jax.Array:
-    """C_coeff · Σ_e colsum[e] · counts[e], as the forward kernel computes it from its statistics.
-    C_coeff inside the sum: XLA makes one reduction kernel of it, not a reduction and a multiply."""
-    return jnp.sum(colsum * (counts.astype(jnp.float32) * c_coeff))
+def _global_statistics(colsum, counts, axes, c_coeff: float):
+    """Per-shard column sums and counts summed over `axes`, and the loss C_coeff · Σ_e colsum[e] · counts[e]
+    formed from them as the forward kernel forms it. C_coeff inside the sum: XLA makes one reduction kernel
+    of it, not a reduction and a multiply."""
+    colsum, counts = jax.lax.psum((colsum, counts), axes)
+    return colsum, counts, jnp.sum(colsum * (counts.astype(jnp.float32) * c_coeff))
 
 
 def _route_aux_bwd(config, aux, residuals, cotangents):
@@ -339,8 +340,7 @@ def _route_aux_fwd_abstract(logits, bias, *, topk, aux_topk, **_):
 def _combine_route_aux(results, axes, params):
     """Per-shard statistics -> the global ones, and the loss from them; the workspaces are dropped."""
     weights, indices, colsum, counts, _, *workspaces = results
-    colsum, counts = jax.lax.psum((colsum, counts), axes)
-    return [weights, indices, colsum, counts, _loss_of_statistics(colsum, counts, params["c_coeff"]), *workspaces]
+    return [weights, indices, *_global_statistics(colsum, counts, axes, params["c_coeff"]), *workspaces]
 
 
 def _route_fwd_batch(prim, args, dims, **params):

@@ -53,9 +53,7 @@ inline bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
 }
 
 // A float32 vector of n elements.
-inline bool f32_vector(const ffi::AnyBuffer& b, int64_t n) {
-  return b.element_type() == ffi::DataType::F32 && b.dimensions().size() == 1 && b.dimensions()[0] == n;
-}
+inline bool f32_vector(const ffi::AnyBuffer& b, int64_t n) { return is_vector(b, ffi::DataType::F32, n); }
 
 // The cotangent of the loss: one float32.
 inline bool f32_scalar(const ffi::AnyBuffer& b) {

@@ -150,6 +150,10 @@ inline bool is_vector(const ffi::AnyBuffer& b, ffi::DataType t, int64_t n) {
   return b.element_type() == t && b.dimensions().size() == 1 && b.dimensions()[0] == n;
 }
 
+inline bool is_scalar(const ffi::AnyBuffer& b, ffi::DataType t) {
+  return b.element_type() == t && b.dimensions().size() == 0;
+}
+
 // The aux outputs of the fused forward: colsum f32 [E], counts s32 [E], the loss f32 [], workspaces [B, E].
 // Returns B.
 inline ffi::ErrorOr<int64_t> check_route_aux_outputs(int64_t E, int64_t aux_topk, int64_t aux_score_function,
@@ -159,8 +163,7 @@ inline ffi::ErrorOr<int64_t> check_route_aux_outputs(int64_t E, int64_t aux_topk
   if (aux_score_function < 0 || aux_score_function > 2) return failure("unknown aux_score_function");
   if (!is_vector(colsum, ffi::DataType::F32, E) || !is_vector(counts, ffi::DataType::S32, E))
     return failure("aux outputs must be float32 column sums and int32 counts of shape [num_experts]");
-  if (loss.element_type() != ffi::DataType::F32 || loss.dimensions().size() != 0)
-    return failure("the aux loss output must be a float32 scalar");
+  if (!is_scalar(loss, ffi::DataType::F32)) return failure("the aux loss output must be a float32 scalar");
   const auto wd = ws_colsum.dimensions();
   if (wd.size() != 2 || wd[1] != E || ws_colsum.element_type() != ffi::DataType::F32 ||
       ws_counts.element_type() != ffi::DataType::S32 || ws_counts.element_count() != ws_colsum.element_count())
@@ -173,8 +176,7 @@ inline std::optional<ffi::Error> check_aux_cotangent(int64_t E, int64_t aux_scor
                                                      const ffi::AnyBuffer& dloss) {
   if (aux_score_function < 0 || aux_score_function > 2) return invalid("unknown aux_score_function");
   if (!is_vector(counts, ffi::DataType::S32, E)) return invalid("aux counts must be int32 [num_experts]");
-  if (dloss.element_type() != ffi::DataType::F32 || dloss.dimensions().size() != 0)
-    return invalid("the aux loss cotangent must be a float32 scalar");
+  if (!is_scalar(dloss, ffi::DataType::F32)) return invalid("the aux loss cotangent must be a float32 scalar");
   return std::nullopt;
 }
 
