@@ -913,30 +913,31 @@ __device__ uint32_t top8_of_16(const SegmentLanes<8>& g, const uint32_t* v) {
   return merge8(g, max(sort8<true>(g, v[g.sl]), sort8<false>(g, v[8 + g.sl])));
 }
 
-// A segment's candidates, its values v[i] >= cut: this lane's as the bits of mask, the slot of its first among the
+// A segment's candidates, its values v(i) >= cut: this lane's as the bits of mask, the slot of its first among the
 // segment's, and the segment's total.
 struct SegmentCandidates {
   uint32_t mask = 0;
   int first, total;
 };
 
-__device__ SegmentCandidates candidates_reaching(const SegmentLanes<8>& g, const float (&v)[32], float cut) {
+template <class ValueOf>
+__device__ SegmentCandidates candidates_reaching(const SegmentLanes<8>& g, ValueOf v, float cut) {
   SegmentCandidates c;
 #pragma unroll
   for (int i = 0; i < 32; ++i)
-    if (v[i] >= cut) c.mask |= 1u << i;
+    if (v(i) >= cut) c.mask |= 1u << i;
   const int count = __popc(c.mask);
   c.first = g.exclusive_sum(count);
   c.total = g.shfl(c.first + count, 7);
   return c;
 }
 
-// The expert of rank g.sl among a segment's candidates c (c.total <= kLeanCandidates), whose rank keys key_of(i) are
-// >= tau_key and within 2^24 of it. Their sort keys, the value's key above tau's then 255 - expert, are sorted in
-// chunks of 16 as the warp's fullest token needs.
+// Stages a segment's candidates c (c.total <= the room at cand) for top8_of_16: their sort keys, the rank key
+// key_of(i) (>= tau_key, within 2^24 of it) above tau's, then 255 - expert, and zeros up to the chunks of 16 that the
+// warp's fullest token needs, whose number it returns.
 template <class KeyOf>
-__device__ int top8_of_candidates(const SegmentLanes<8>& g, SegmentCandidates c, KeyOf key_of, uint32_t tau_key,
-                                  uint32_t* cand) {
+__device__ int stage_candidates(const SegmentLanes<8>& g, SegmentCandidates c, KeyOf key_of, uint32_t tau_key,
+                                uint32_t* cand) {
   const int chunks = (__reduce_max_sync(kFullMask, c.total) + 15) / 16;
   const uint32_t key_base = 255u - uint32_t(g.sl * 32) - tau_key * 256u;
   for (int slot = c.first; c.mask; c.mask &= c.mask - 1, ++slot) {
@@ -945,26 +946,46 @@ __device__ int top8_of_candidates(const SegmentLanes<8>& g, SegmentCandidates c,
   }
   // Key 0 ranks last (or ties expert 255 at tau, which decodes the same).
   for (int z = c.total + g.sl; z < 16 * chunks; z += 8) cand[z] = 0;
-  __syncwarp();
-  uint32_t best = top8_of_16(g, cand);
-  for (int q = 1; q < chunks; ++q)  // the top 8 so far against the chunk's, reversed: a bitonic sequence
-    best = merge8(g, max(best, __shfl_sync(kFullMask, top8_of_16(g, cand + 16 * q), g.base() + 7 - g.sl)));
-  return 255 - int(best & 255u);
+  return chunks;
 }
 
-// Routes the warp's 4 tokens, given sel (this lane's 32 sigmoid scores plus bias), unless some token of the warp
-// has a NaN score, more than kLeanCandidates candidates or candidates too far apart for 32-bit keys: then it
-// returns false, having written nothing. The same selection as the segment path's on floats (select_on_floats):
-// the 4 groups of the best top-2 sums (ties: the lower group), the threshold tau = the least second best of those
-// groups, and the top 8 of their values >= tau (ties: the lower expert). A warp sorts as many chunks of 16 as its
-// fullest token needs: the exact path instead holds up the warp's whole block (sent there past 16 candidates,
-// T = 16384 took 12.3 us against 9.3, H100, session 18).
-template <class In>
-__device__ bool route_set_lean(const SegmentLanes<8>& g, float scaling, const float (&sel)[32], DeepSeekV3Scratch& s,
-                               const typename In::storage* row, bool valid, float* w_out, int32_t* idx_out) {
+// The top 8 of the staged candidates' keys, given best, the top 8 of their first chunk: the top 8 so far against
+// each further chunk's, reversed, is a bitonic sequence.
+__device__ uint32_t merge_chunks(const SegmentLanes<8>& g, uint32_t best, int chunks, const uint32_t* cand) {
+  for (int q = 1; q < chunks; ++q)
+    best = merge8(g, max(best, __shfl_sync(kFullMask, top8_of_16(g, cand + 16 * q), g.base() + 7 - g.sl)));
+  return best;
+}
+
+__device__ int expert_of_key(uint32_t key) { return 255 - int(key & 255u); }
+
+// The expert of rank g.sl among a segment's candidates c (c.total <= kLeanCandidates), whose rank keys key_of(i) are
+// >= tau_key and within 2^24 of it, sorted in chunks of 16 as the warp's fullest token needs.
+template <class KeyOf>
+__device__ int top8_of_candidates(const SegmentLanes<8>& g, SegmentCandidates c, KeyOf key_of, uint32_t tau_key,
+                                  uint32_t* cand) {
+  const int chunks = stage_candidates(g, c, key_of, tau_key, cand);
+  __syncwarp();
+  return expert_of_key(merge_chunks(g, top8_of_16(g, cand), chunks, cand));
+}
+
+// The first half of route_set_lean: a segment's group choice, its threshold tau and the values (sel_of(i), this lane's
+// 32 sigmoid scores plus bias) that reach it, and whether the lean selection cannot take the token (a NaN score, or
+// candidates too far apart for 32-bit keys).
+struct LeanRouteCut {
+  uint32_t tau_key;
+  bool exact;
+  SegmentCandidates c;
+};
+
+template <class SelOf>
+__device__ LeanRouteCut lean_route_cut(const SegmentLanes<8>& g, SelOf sel_of) {
   float t1 = -INFINITY, t2 = -INFINITY;  // this group's best two; NaN if it holds a NaN
 #pragma unroll
-  for (int i = 0; i < 32; ++i) t2 = max_nan(t2, min_nan(t1, sel[i])), t1 = max_nan(t1, sel[i]);
+  for (int i = 0; i < 32; ++i) {
+    const float v = sel_of(i);
+    t2 = max_nan(t2, min_nan(t1, v)), t1 = max_nan(t1, v);
+  }
   const float score = t1 + t2;
   // Group sl ^ o ranks before this one if its key is larger, or equal where sl ^ o < sl (which depends only on the
   // highest bit of o): one comparison against a threshold per bit.
@@ -981,18 +1002,36 @@ __device__ bool route_set_lean(const SegmentLanes<8>& g, float scaling, const fl
   for (int off = 4; off; off >>= 1)
     tau = fminf(tau, __shfl_xor_sync(kFullMask, tau, off)), top = fmaxf(top, __shfl_xor_sync(kFullMask, top, off));
   // A candidate's key: its value's rank key above tau's, then 255 - expert; exact while the keys differ by < 2^24.
-  const uint32_t tau_key = rank_key_unless_nan(tau);
-  bool exact = score != score || rank_key_unless_nan(top) - tau_key >= (1u << 24);
-  // Nothing reaches NaN: dropped groups have no candidates.
-  const SegmentCandidates c = candidates_reaching(g, sel, kept ? tau : NAN);
-  exact |= c.total > kLeanCandidates;
-  if (__any_sync(kFullMask, exact)) return false;
-  const float* mine = s.sel[g.lane];
-  const int expert = top8_of_candidates(
-      g, c, [&](int i) { return rank_key_unless_nan(mine[i]); }, tau_key, s.cand[g.segment()]);
-  const float v = sigmoid(In::to_float(row[expert]));  // as write_routing: weights from the logits
+  LeanRouteCut cut;
+  cut.tau_key = rank_key_unless_nan(tau);
+  cut.exact = score != score || rank_key_unless_nan(top) - cut.tau_key >= (1u << 24);
+  cut.c = candidates_reaching(g, sel_of, kept ? tau : NAN);  // nothing reaches NaN: dropped groups have no candidates
+  return cut;
+}
+
+// Writes a token's experts and their weights (as write_routing), expert the one of rank g.sl and v its score.
+__device__ void write_lean_route(const SegmentLanes<8>& g, float scaling, int expert, float v, bool valid,
+                                 float* w_out, int32_t* idx_out) {
   const float total_v = g.sum(v) + kEps;
   if (valid) w_out[g.sl] = v / total_v * scaling, idx_out[g.sl] = expert;
+}
+
+// Routes the warp's 4 tokens, given sel (this lane's 32 sigmoid scores plus bias), unless some token of the warp
+// has a NaN score, more than kLeanCandidates candidates or candidates too far apart for 32-bit keys: then it
+// returns false, having written nothing. The same selection as the segment path's on floats (select_on_floats):
+// the 4 groups of the best top-2 sums (ties: the lower group), the threshold tau = the least second best of those
+// groups, and the top 8 of their values >= tau (ties: the lower expert). A warp sorts as many chunks of 16 as its
+// fullest token needs: the exact path instead holds up the warp's whole block (sent there past 16 candidates,
+// T = 16384 took 12.3 us against 9.3, H100, session 18).
+template <class In>
+__device__ bool route_set_lean(const SegmentLanes<8>& g, float scaling, const float (&sel)[32], DeepSeekV3Scratch& s,
+                               const typename In::storage* row, bool valid, float* w_out, int32_t* idx_out) {
+  const LeanRouteCut cut = lean_route_cut(g, [&](int i) { return sel[i]; });
+  if (__any_sync(kFullMask, cut.exact || cut.c.total > kLeanCandidates)) return false;
+  const float* mine = s.sel[g.lane];
+  const int expert = top8_of_candidates(
+      g, cut.c, [&](int i) { return rank_key_unless_nan(mine[i]); }, cut.tau_key, s.cand[g.segment()]);
+  write_lean_route(g, scaling, expert, sigmoid(In::to_float(row[expert])), valid, w_out, idx_out);  // from the logits
   return true;
 }
 
@@ -1102,47 +1141,101 @@ __device__ float least_score_reaching(float score, float inv, float tau) {
   return score;
 }
 
-// Counts the top 8 by clean score (num[i] * inv) of the warp's 4 tokens into counts, where valid, unless some token
-// has more than kLeanCandidates candidates or candidates 2^24 keys apart: then it returns false, having counted
-// nothing. num is also at mine (this lane's row of the scratch); t1 and t2 are two of its scores, the lane's best.
-// The selection: tau = the 8th best of the segment's 16 lane top-2 scores (so that at least 8 reach it: 8.8 on
-// average on random rows), the candidates the clean scores >= tau's, sorted as the routing's. A row with a NaN has
-// only NaN clean scores (inv is NaN), which tie: its top 8 are experts 0 to 7.
-__device__ bool aux_count_set_lean(const SegmentLanes<8>& g, const float (&num)[32], float t1, float t2, float inv,
-                                   const float* mine, uint32_t* cand, int* counts, bool valid) {
+// The first half of the lean aux count: a token's threshold tau among its clean scores (num[i] * inv; t1 and t2 are
+// two of this lane's scores, its best), the scores that reach it, and whether the lean count cannot take the token.
+// tau = the 8th best of the segment's 16 lane top-2 scores, so that at least 8 reach it (8.8 on average on random
+// rows). A row with a NaN has only NaN clean scores (inv is NaN), which tie: its top 8 are experts 0 to 7.
+struct LeanAuxCut {
+  uint32_t tau_key;
+  bool nan, exact;
+  SegmentCandidates c;
+};
+
+__device__ LeanAuxCut lean_aux_cut(const SegmentLanes<8>& g, const float (&num)[32], float t1, float t2, float inv) {
   const uint32_t top16 = merge8(g, max(sort8<true>(g, __float_as_uint(t1)), sort8<false>(g, __float_as_uint(t2))));
   const float score_at_tau = __uint_as_float(g.shfl(top16, 7));
   const float tau = score_at_tau * inv;  // that expert's clean score
-  const uint32_t tau_key = rank_key_unless_nan(tau);
-  const bool nan = inv != inv;  // then no candidates: every comparison with NaN fails
+  LeanAuxCut cut;
+  cut.tau_key = rank_key_unless_nan(tau);
+  cut.nan = inv != inv;  // then no candidates: every comparison with NaN fails
   // The segment's shuffles run on every lane: inside `!nan && ...` they ran on some lanes only, which hung the warp
   // or faulted (illegal instruction) on NaN rows (sessions 19-20).
   const float top = g.fmax(t1) * inv;
-  bool exact = !nan && rank_key_unless_nan(top) - tau_key >= (1u << 24) - 256;  // see the kernel's top2
-  const SegmentCandidates c = candidates_reaching(g, num, nan ? NAN : least_score_reaching(score_at_tau, inv, tau));
-  exact |= c.total > kLeanCandidates;
-  if (__any_sync(kFullMask, exact)) return false;
-  const int expert = top8_of_candidates(g, c, [&](int i) { return rank_key_unless_nan(mine[i] * inv); }, tau_key, cand);
-  if (valid) atomicAdd(&counts[nan ? g.sl : expert], 1);
-  return true;
+  cut.exact = !cut.nan && rank_key_unless_nan(top) - cut.tau_key >= (1u << 24) - 256;  // see the kernel's top2
+  cut.c = candidates_reaching(g, [&](int i) { return num[i]; },
+                              cut.nan ? NAN : least_score_reaching(score_at_tau, inv, tau));
+  return cut;
 }
 
-// The segment path's exact count (count_clean_topk) of this lane's token, for warps aux_count_set_lean refuses; then
-// the scores again at mine, in the scratch that the count shared. Not inlined, as route_set_exact.
+// Counts a token's expert of rank g.sl (experts 0 to 7 for a NaN row) into counts, where valid.
+__device__ void count_lean_aux(const SegmentLanes<8>& g, const LeanAuxCut& cut, int expert, int* counts, bool valid) {
+  if (valid) atomicAdd(&counts[cut.nan ? g.sl : expert], 1);
+}
+
+// For a warp whose selections took the exact paths, whose scratch is where the scores were: where count (the lean
+// count refused the warp), the segment path's exact count (count_clean_topk) of this lane's token, and then the scores
+// again at mine, for the column sums. Not inlined, as route_set_exact.
 template <class In>
 __device__ __noinline__ void aux_count_set_exact(int lane, const typename In::storage* row, float inv, bool valid,
-                                                 SegmentScratch<8, 32>* s, float* mine, int* counts) {
+                                                 bool count, SegmentScratch<8, 32>* s, float* mine, int* counts) {
   const SegmentLanes<8> g(lane);
   float num[32];
   load_segment_row<In, 8, 32>(g, row, 256, num);
 #pragma unroll
   for (int i = 0; i < 32; ++i) num[i] = sigmoid(num[i]);
   __syncwarp();  // the lean path's reads of the scratch
-  count_clean_topk<8, 32, Spread::kRun>(g, 8, num, inv, 256, valid, *s, counts);  // ends with __syncwarp
+  if (count) count_clean_topk<8, 32, Spread::kRun>(g, 8, num, inv, 256, valid, *s, counts);  // ends with __syncwarp
 #pragma unroll
   for (int c4 = 0; c4 < 8; ++c4)
     *reinterpret_cast<float4*>(mine + 4 * c4) =
         make_float4(num[4 * c4], num[4 * c4 + 1], num[4 * c4 + 2], num[4 * c4 + 3]);
+}
+
+// Which of a set's two selections route_and_count_set_lean made.
+struct LeanSetDone {
+  bool aux, route;
+};
+
+// route_with_aux_loss's two selections of the warp's 4 tokens, both lean: the top 8 by clean score, counted into
+// counts (count_lean_aux), and the routing (as route_set_lean, on the scores plus bias). Their thresholds and sorts
+// run side by side, so that the two chains of shuffles overlap, where one after the other the warp waited on each in
+// turn (T = 16384: 18.8 -> 17.5 us in the harness, H100). A selection that some token of the warp does not fit (see
+// lean_aux_cut and lean_route_cut) is left to the exact paths. The candidates of both share the segment's row where
+// each token has at most half of kLeanCandidates of each kind; past that, the two sort one after the other. num is
+// also at mine; t1 and t2 are two of this lane's scores, its best; b4 is this lane's bias (as in
+// route_deepseek_v3_kernel).
+__device__ LeanSetDone route_and_count_set_lean(const SegmentLanes<8>& g, float scaling, const float (&num)[32],
+                                                float t1, float t2, float inv, const float4* b4, DeepSeekV3Scratch& s,
+                                                bool valid, int* counts, float* w_out, int32_t* idx_out) {
+  const float* mine = s.sel[g.lane];
+  const float* bias = reinterpret_cast<const float*>(b4);
+  auto bias_of = [&](int i) { return bias[32 * (i / 4) + i % 4]; };  // b4[8 * (i / 4)], component i % 4
+  const LeanAuxCut a = lean_aux_cut(g, num, t1, t2, inv);
+  const LeanRouteCut r = lean_route_cut(g, [&](int i) { return num[i] + bias_of(i); });
+  const LeanSetDone done{!__any_sync(kFullMask, a.exact || a.c.total > kLeanCandidates),
+                         !__any_sync(kFullMask, r.exact || r.c.total > kLeanCandidates)};
+  const bool halves_fit = !__any_sync(kFullMask, a.c.total > kLeanCandidates / 2 || r.c.total > kLeanCandidates / 2);
+  uint32_t* cand = s.cand[g.segment()];
+  auto aux_key = [&](int i) { return rank_key_unless_nan(mine[i] * inv); };
+  auto route_key = [&](int i) { return rank_key_unless_nan(mine[i] + bias_of(i)); };
+  // The weight of an expert from its score, which the segment's lane expert / 32 holds: what the logit gives.
+  auto write_route = [&](int expert) {
+    write_lean_route(g, scaling, expert, s.sel[g.base() + expert / 32][expert % 32], valid, w_out, idx_out);
+  };
+  if (done.aux && done.route && halves_fit) {
+    uint32_t* route_cand = cand + kLeanCandidates / 2;
+    const int aux_chunks = stage_candidates(g, a.c, aux_key, a.tau_key, cand);
+    const int route_chunks = stage_candidates(g, r.c, route_key, r.tau_key, route_cand);
+    __syncwarp();
+    const uint32_t aux_best = top8_of_16(g, cand), route_best = top8_of_16(g, route_cand);
+    count_lean_aux(g, a, expert_of_key(merge_chunks(g, aux_best, aux_chunks, cand)), counts, valid);
+    write_route(expert_of_key(merge_chunks(g, route_best, route_chunks, route_cand)));
+    return done;
+  }
+  if (done.aux) count_lean_aux(g, a, top8_of_candidates(g, a.c, aux_key, a.tau_key, cand), counts, valid);
+  __syncwarp();  // the aux sort's reads of cand
+  if (done.route) write_route(top8_of_candidates(g, r.c, route_key, r.tau_key, cand));
+  return done;
 }
 
 // Adds token j's (of the block) clean scores of experts 4 quad to 4 quad + 3 to column: one 16-byte load of the
@@ -1166,10 +1259,10 @@ __device__ float block_column_sum(float4 column, DeepSeekV3WarpMemory* memory) {
 }
 
 // One resident wave of blocks of 32 tokens at most (the grid depends on T alone), looping over the tokens in
-// step: between the aux selection and the routing the block adds up its clean scores, a thread 4 experts' columns
-// over 8 tokens (add_scores). The scores wait in shared memory meanwhile (in registers, across the barriers and the
-// exact paths' calls, they spilled 572 bytes). Shared memory: the bias, the block's counts, each token's 1 / Σ score,
-// then a DeepSeekV3WarpMemory a warp, whose selection rows hold the scores until the routing adds the bias.
+// step: after a set's two selections (route_and_count_set_lean) the block adds up its clean scores, a thread 4
+// experts' columns over 8 tokens (add_scores), from the warps' selection rows (in registers, across the barriers and
+// the exact paths' calls, the scores spilled 572 bytes). Shared memory: the bias, the block's counts, each token's
+// 1 / Σ score, then a DeepSeekV3WarpMemory a warp.
 template <class In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_deepseek_v3_aux_kernel(float scaling, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
@@ -1216,16 +1309,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       __syncwarp();  // mine is stored
       // The lane's best two scores are the scores of its best two logits: sigmoid is monotonic (if its
       // approximation were not, by an ulp, tau would still be a score of 8 experts, and the maximum's key off by a
-      // few units: the margin of aux_count_set_lean's test).
-      if (!aux_count_set_lean(g, num, sigmoid(best), sigmoid(second), inv, mine, s.cand[g.segment()], counts, valid))
-        aux_count_set_exact<In>(g.lane, x + r * E, inv, valid, &memory[warp].exact, mine, counts);
+      // few units: the margin of lean_aux_cut's test).
+      const LeanSetDone done = route_and_count_set_lean(g, scaling, num, sigmoid(best), sigmoid(second), inv, b4, s,
+                                                        valid, counts, w + r * K, idx + r * K);
+      if (!done.route)
+        route_set_exact<In>(g.lane, scaling, x + r * E, valid, b4, &memory[warp].exact, w + r * K, idx + r * K);
+      if (!done.aux || !done.route)
+        aux_count_set_exact<In>(g.lane, x + r * E, inv, valid, !done.aux, &memory[warp].exact, mine, counts);
     }
     __syncthreads();
-    // The block's counts are final after its last set's aux count: added to the call's totals now, under the column
-    // adds and the routing, rather than with the column sums at the end, where at one wave every block's atomics
-    // land at once and the last block's ticket waits for them (T = 16384: 19.7 -> 18.8 us in the harness, H200).
-    if (block_t0 + int64_t(gridDim.x) * 32 >= T)
-      atomicAdd(&totals->counts[threadIdx.x], unsigned(counts[threadIdx.x]));
+    const bool last_set = block_t0 + int64_t(gridDim.x) * 32 >= T;
+    // The block's counts are final after its last set: added to the call's totals now, under the column adds, rather
+    // than with the column sums at the end, where at one wave every block's atomics land at once and the last
+    // block's ticket waits for them (T = 16384: 19.7 -> 18.8 us in the harness, H200, session 21).
+    if (last_set) atomicAdd(&totals->counts[threadIdx.x], unsigned(counts[threadIdx.x]));
     const int tokens = int(min(T - block_t0, int64_t(32)));
     if (tokens == 32) {
 #pragma unroll
@@ -1233,19 +1330,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     } else {
       for (int j = 8 * part; j < min(8 * part + 8, tokens); ++j) add_scores(column, memory, inv_of, j, quad);
     }
-    __syncthreads();
-    if (!active) continue;
-    float sel[32];
-#pragma unroll
-    for (int c4 = 0; c4 < 8; ++c4) {
-      const float4 b = b4[c4 * 8];
-      float4 v = *reinterpret_cast<const float4*>(mine + 4 * c4);
-      v.x += b.x, v.y += b.y, v.z += b.z, v.w += b.w;
-      sel[4 * c4] = v.x, sel[4 * c4 + 1] = v.y, sel[4 * c4 + 2] = v.z, sel[4 * c4 + 3] = v.w;
-      *reinterpret_cast<float4*>(mine + 4 * c4) = v;
-    }
-    if (!route_set_lean<In>(g, scaling, sel, s, x + r * E, valid, w + r * K, idx + r * K))
-      route_set_exact<In>(g.lane, scaling, x + r * E, valid, b4, &memory[warp].exact, w + r * K, idx + r * K);
+    if (!last_set) __syncthreads();  // the column adds' reads before the next set's rows
   }
   const int e = threadIdx.x;
   const float colsum = block_column_sum(column, memory);
