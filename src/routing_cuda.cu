@@ -1199,11 +1199,11 @@ struct LeanSetDone {
 // route_with_aux_loss's two selections of the warp's 4 tokens, both lean: the top 8 by clean score, counted into
 // counts (count_lean_aux), and the routing (as route_set_lean, on the scores plus bias). Their thresholds and sorts
 // run side by side, so that the two chains of shuffles overlap, where one after the other the warp waited on each in
-// turn (T = 16384: 18.8 -> 17.5 us in the harness, H100). A selection that some token of the warp does not fit (see
-// lean_aux_cut and lean_route_cut) is left to the exact paths. The candidates of both share the segment's row where
-// each token has at most half of kLeanCandidates of each kind; past that, the two sort one after the other. num is
-// also at mine; t1 and t2 are two of this lane's scores, its best; b4 is this lane's bias (as in
-// route_deepseek_v3_kernel).
+// turn (with the weights below, T = 16384: 18.9 -> 17.0 us in the harness, H100, session 22). A selection that some
+// token of the warp does not fit (see lean_aux_cut and lean_route_cut) is left to the exact paths. The candidates of
+// both share the segment's row where each token has at most half of kLeanCandidates of each kind; past that, the two
+// sort one after the other. num is also at mine; t1 and t2 are two of this lane's scores, its best; b4 is this lane's
+// bias (as in route_deepseek_v3_kernel).
 __device__ LeanSetDone route_and_count_set_lean(const SegmentLanes<8>& g, float scaling, const float (&num)[32],
                                                 float t1, float t2, float inv, const float4* b4, DeepSeekV3Scratch& s,
                                                 bool valid, int* counts, float* w_out, int32_t* idx_out) {
@@ -1218,7 +1218,7 @@ __device__ LeanSetDone route_and_count_set_lean(const SegmentLanes<8>& g, float 
   uint32_t* cand = s.cand[g.segment()];
   auto aux_key = [&](int i) { return rank_key_unless_nan(mine[i] * inv); };
   auto route_key = [&](int i) { return rank_key_unless_nan(mine[i] + bias_of(i)); };
-  // The weight of an expert from its score, which the segment's lane expert / 32 holds: what the logit gives.
+  // An expert's weight from its score, kept by the segment's lane expert / 32: the sigmoid of its logit, bit for bit.
   auto write_route = [&](int expert) {
     write_lean_route(g, scaling, expert, s.sel[g.base() + expert / 32][expert % 32], valid, w_out, idx_out);
   };
