@@ -1344,8 +1344,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
   }
   __syncthreads();  // the other threads' reads follow thread 0's acquire
   if (!last) return;
-  const float sum = __ldcg(&totals->nan) ? NAN : float(__ldcg(&totals->colsum[e])) / kColsumUnit;
+  // The three loads issued together: with the column sum's load under the NaN flag's test, the compiler waited for
+  // the flag first, a second round trip to L2 at the end of the kernel.
+  const unsigned nan = __ldcg(&totals->nan);
+  const float fixed_sum = float(__ldcg(&totals->colsum[e])) / kColsumUnit;
   const int32_t count = int32_t(__ldcg(&totals->counts[e]));
+  const float sum = nan ? NAN : fixed_sum;
   out.colsum[e] = sum, out.counts[e] = count;
   write_block_total(aux_loss_term(sum, count, c_coeff), out.loss);
 }
