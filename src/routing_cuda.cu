@@ -1653,13 +1653,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if constexpr (W > 1) L = R::lanes();
   const int64_t E = c.num_experts, k = c.topk;
   const bool sparse = !kAux && !(c.score_function == ScoreFunction::kSoftmax && c.use_pre_softmax);
+  ScaledCounts dscale{};  // read once, not a row: the non-aux launch passes no loss cotangent to read
+  if constexpr (kAux) dscale = aux.scores();
   for (int64_t t = R::first(); t < T; t += R::stride()) {
     const auto* xr = x + t * E;
     const int32_t* ir = idx + t * k;
     const float* dwr = dw + t * k;
     auto* dxr = dx + t * E;
     if constexpr (kAux) {
-      route_aux_bwd_row<Lanes, In>(L, c, aux_f, xr, ir, dwr, aux.scores(), dxr);
+      route_aux_bwd_row<Lanes, In>(L, c, aux_f, xr, ir, dwr, dscale, dxr);
     } else if (sparse) {  // only the chosen experts get a gradient: zero the row, then write them
       zero_row(L, dxr, E);  // first: its stores need nothing the loads below bring
       const RouteRowGrad<In> r = route_row_grad<Lanes, In>(L, c, xr, ir, dwr);
