@@ -1247,6 +1247,10 @@ __device__ void add_scores(float4& column, const DeepSeekV3WarpMemory* memory, c
   column.z = fmaf(v.z, inv, column.z), column.w = fmaf(v.w, inv, column.w);
 }
 
+// Waits for the other warp of this thread's pair (warps 2p and 2p + 1, threads 64p to 64p + 63), whose tokens are the
+// ones this thread's column adds read (add_scores): named barrier 1 + p, so that a pair does not wait for the block.
+__device__ void sync_warp_pair() { asm volatile("bar.sync %0, 64;" ::"r"(1 + int(threadIdx.x / 64)) : "memory"); }
+
 // The block's column sum of expert threadIdx.x: the 4 parts of add_scores' tokens added in order, through the warps'
 // memory (free once the block's tokens are routed).
 __device__ float block_column_sum(float4 column, DeepSeekV3WarpMemory* memory) {
@@ -1259,10 +1263,11 @@ __device__ float block_column_sum(float4 column, DeepSeekV3WarpMemory* memory) {
 }
 
 // One resident wave of blocks of 32 tokens at most (the grid depends on T alone), looping over the tokens in
-// step: after a set's two selections (route_and_count_set_lean) the block adds up its clean scores, a thread 4
-// experts' columns over 8 tokens (add_scores), from the warps' selection rows (in registers, across the barriers and
-// the exact paths' calls, the scores spilled 572 bytes). Shared memory: the bias, the block's counts, each token's
-// 1 / Σ score, then a DeepSeekV3WarpMemory a warp.
+// step: after a set's two selections (route_and_count_set_lean) each pair of warps adds up its clean scores, a thread 4
+// experts' columns over its pair's 8 tokens (add_scores), from the warps' selection rows (in registers, across the
+// barriers and the exact paths' calls, the scores spilled 572 bytes). The block's counts go to the call's totals with
+// its column sums, at the end. Shared memory: the bias, the block's counts, each token's 1 / Σ score, then a
+// DeepSeekV3WarpMemory a warp.
 template <class In>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     route_deepseek_v3_aux_kernel(float scaling, const typename In::storage* __restrict__ x, BiasLoader bias, int64_t T,
@@ -1317,12 +1322,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
       if (!done.aux || !done.route)
         aux_count_set_exact<In>(g.lane, x + r * E, inv, valid, !done.aux, &memory[warp].exact, mine, counts);
     }
-    __syncthreads();
+    // A pair of warps waits for itself, not for the block: T = 65536 46.9 -> 44.3 us, T = 16384 16.55 -> 16.4 in the
+    // harness (H100, rows from DRAM, session 23).
+    sync_warp_pair();
     const bool last_set = block_t0 + int64_t(gridDim.x) * 32 >= T;
-    // The block's counts are final after its last set: added to the call's totals now, under the column adds, rather
-    // than with the column sums at the end, where at one wave every block's atomics land at once and the last
-    // block's ticket waits for them (T = 16384: 19.7 -> 18.8 us in the harness, H200, session 21).
-    if (last_set) atomicAdd(&totals->counts[threadIdx.x], unsigned(counts[threadIdx.x]));
     const int tokens = int(min(T - block_t0, int64_t(32)));
     if (tokens == 32) {
 #pragma unroll
@@ -1330,10 +1333,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
     } else {
       for (int j = 8 * part; j < min(8 * part + 8, tokens); ++j) add_scores(column, memory, inv_of, j, quad);
     }
-    if (!last_set) __syncthreads();  // the column adds' reads before the next set's rows
+    if (!last_set) sync_warp_pair();  // the pair's column adds' reads before its next set's rows
   }
   const int e = threadIdx.x;
   const float colsum = block_column_sum(column, memory);
+  atomicAdd(&totals->counts[e], unsigned(counts[e]));  // final: block_column_sum's barriers follow every warp's count
   if (colsum != colsum) atomicOr(&totals->nan, 1u);
   atomicAdd(&totals->colsum[e], __float2ull_rn(colsum * kColsumUnit));
   __shared__ bool last;
