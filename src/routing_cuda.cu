@@ -1009,6 +1009,13 @@ __device__ LeanRouteCut lean_route_cut(const SegmentLanes<8>& g, SelOf sel_of) {
   return cut;
 }
 
+// Whether a lean selection takes the warp: none of its tokens' cuts (LeanRouteCut, LeanAuxCut) is exact-only or has
+// more than kLeanCandidates candidates.
+template <class Cut>
+__device__ bool lean_takes_warp(const Cut& cut) {
+  return !__any_sync(kFullMask, cut.exact || cut.c.total > kLeanCandidates);
+}
+
 // Writes a token's experts and their weights (as write_routing), expert the one of rank g.sl and v its score.
 __device__ void write_lean_route(const SegmentLanes<8>& g, float scaling, int expert, float v, bool valid,
                                  float* w_out, int32_t* idx_out) {
@@ -1027,7 +1034,7 @@ template <class In>
 __device__ bool route_set_lean(const SegmentLanes<8>& g, float scaling, const float (&sel)[32], DeepSeekV3Scratch& s,
                                const typename In::storage* row, bool valid, float* w_out, int32_t* idx_out) {
   const LeanRouteCut cut = lean_route_cut(g, [&](int i) { return sel[i]; });
-  if (__any_sync(kFullMask, cut.exact || cut.c.total > kLeanCandidates)) return false;
+  if (!lean_takes_warp(cut)) return false;
   const float* mine = s.sel[g.lane];
   const int expert = top8_of_candidates(
       g, cut.c, [&](int i) { return rank_key_unless_nan(mine[i]); }, cut.tau_key, s.cand[g.segment()]);
@@ -1212,8 +1219,7 @@ __device__ LeanSetDone route_and_count_set_lean(const SegmentLanes<8>& g, float 
   auto bias_of = [&](int i) { return bias[32 * (i / 4) + i % 4]; };  // b4[8 * (i / 4)], component i % 4
   const LeanAuxCut a = lean_aux_cut(g, num, t1, t2, inv);
   const LeanRouteCut r = lean_route_cut(g, [&](int i) { return num[i] + bias_of(i); });
-  const LeanSetDone done{!__any_sync(kFullMask, a.exact || a.c.total > kLeanCandidates),
-                         !__any_sync(kFullMask, r.exact || r.c.total > kLeanCandidates)};
+  const LeanSetDone done{lean_takes_warp(a), lean_takes_warp(r)};
   const bool halves_fit = !__any_sync(kFullMask, a.c.total > kLeanCandidates / 2 || r.c.total > kLeanCandidates / 2);
   uint32_t* cand = s.cand[g.segment()];
   auto aux_key = [&](int i) { return rank_key_unless_nan(mine[i] * inv); };
